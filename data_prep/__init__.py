@@ -1,0 +1,1 @@
+"""Layer 1: dataset preparation (annotation readers, shard writer, synthetic set, style stage)."""

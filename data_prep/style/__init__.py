@@ -1,0 +1,1 @@
+"""Style randomization network, sampling, weight import and the sharded stage."""

@@ -1,0 +1,280 @@
+"""YAML recipes + ``key=value`` overrides, validated against dataclass schemas.
+
+Every entry point describes its configuration as a tree of dataclasses and calls :func:`load_config`.
+Validation happens before any work starts: an unknown key (with a "did you mean" suggestion), a value of the
+wrong type, or a path that must exist and does not, raises :class:`ConfigError` naming the dotted key.
+
+Path semantics are declared on the field with ``metadata``:
+
+* ``must_exist=True``: the value is a file or folder that must exist (``None``/empty allowed when optional).
+* ``shards=True``: the value is a shard pattern (path, glob, brace range ``{00000..00009}``, or several
+  joined by ``::``) that must expand to at least one existing file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import glob
+import os
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A configuration problem, reported with the dotted key or the path it concerns."""
+
+
+def expand_shards(pattern: str) -> list[str]:
+    """Expand a shard pattern (``::``-joined; brace ranges; globs) into a sorted list of existing paths."""
+    import braceexpand
+
+    out: list[str] = []
+    for part in str(pattern).split("::"):
+        part = part.strip()
+        if not part:
+            continue
+        for item in braceexpand.braceexpand(part):
+            if any(ch in item for ch in "*?["):
+                out.extend(sorted(glob.glob(item)))
+            elif os.path.exists(item):
+                out.append(item)
+    return out
+
+
+def _is_dataclass_type(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against annotation ``tp`` and return it (nested dataclasses are built)."""
+    origin = get_origin(tp)
+    if tp is Any:
+        return value
+    if origin is Union or origin is types.UnionType:
+        args = get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        choices = get_args(tp)
+        if value not in choices:
+            # YAML turns `variant: a` into a string but `variant: 1` into int; accept str(value) matches.
+            if str(value) in [str(c) for c in choices]:
+                return next(c for c in choices if str(c) == str(value))
+            raise ConfigError(f"{key}: {value!r} is not one of {list(choices)}")
+        return value
+    if _is_dataclass_type(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of {_type_name(tp)} fields, got {value!r}")
+        return build_dataclass(tp, value, prefix=key)
+    if origin in (list, tuple) or tp in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        args = get_args(tp)
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(args) != len(value):
+                raise ConfigError(f"{key}: expected {len(args)} items, got {len(value)}")
+            return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        inner = args[0] if args else Any
+        items = [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if (origin is tuple or tp is tuple) else items
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        args = get_args(tp)
+        vt = args[1] if args else Any
+        return {k: _coerce(v, vt, f"{key}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:  # YAML 1.1 reads "1e-4" as a string
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    if tp is Path:
+        if isinstance(value, (str, Path)):
+            return str(value)
+        raise ConfigError(f"{key}: expected a path, got {value!r}")
+    return value
+
+
+def _suggest(name: str, choices: typing.Iterable[str]) -> str:
+    close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.5)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def build_dataclass(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
+    """Build dataclass ``cls`` from a nested dict, rejecting unknown keys and wrong types."""
+    hints = get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    kwargs: dict[str, Any] = {}
+    for name, value in data.items():
+        key = f"{prefix}.{name}" if prefix else name
+        if name not in fields:
+            raise ConfigError(f"unknown config key '{key}'{_suggest(name, fields)}")
+        kwargs[name] = _coerce(value, hints[name], key)
+    missing = [
+        n
+        for n, f in fields.items()
+        if n not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        raise ConfigError(f"missing required config key '{(prefix + '.') if prefix else ''}{missing[0]}'")
+    return cls(**kwargs)
+
+
+def _parse_scalar(text: str) -> Any:
+    try:
+        return yaml.safe_load(text) if text != "" else ""
+    except yaml.YAMLError:
+        return text
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: typing.Sequence[str]) -> list[tuple[str, Any]]:
+    """Parse ``key=value`` strings; values are read as YAML scalars (``true``, ``3``, ``[1, 2]``)."""
+    out = []
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key=value")
+        key, _, raw = item.partition("=")
+        key = key.strip()
+        if not key:
+            raise ConfigError(f"override '{item}' has an empty key")
+        out.append((key, _parse_scalar(raw)))
+    return out
+
+
+def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a YAML mapping, with a clear error on a missing or malformed file."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{p}: invalid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: top level must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def _check_paths(obj: Any, prefix: str = "") -> None:
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        key = f"{prefix}.{f.name}" if prefix else f.name
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            _check_paths(value, key)
+            continue
+        if value in (None, "", "none"):
+            continue
+        values = value if isinstance(value, (list, tuple)) else [value]
+        if f.metadata.get("must_exist"):
+            for v in values:
+                if not os.path.exists(str(v)):
+                    raise ConfigError(f"{key}: path does not exist: {v}")
+        if f.metadata.get("shards"):
+            for v in values:
+                if not expand_shards(str(v)):
+                    raise ConfigError(f"{key}: no shard files match {v!r}")
+
+
+def load_config(
+    schema: type[T],
+    path: str | os.PathLike | None = None,
+    overrides: typing.Sequence[str] = (),
+    check_paths: bool = True,
+) -> T:
+    """Load ``path`` (optional), apply ``key=value`` overrides, validate against ``schema``."""
+    tree: dict[str, Any] = read_yaml(path) if path else {}
+    for key, value in parse_overrides(overrides):
+        _set_dotted(tree, key, value)
+    cfg = build_dataclass(schema, tree)
+    post = getattr(cfg, "validate", None)
+    if callable(post):
+        post()
+    if check_paths:
+        _check_paths(cfg)
+    return cfg
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """A plain dict of a config dataclass (for saving and logging)."""
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Any, path: str | os.PathLike) -> None:
+    """Write the resolved config as YAML (atomically)."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_suffix(p.suffix + ".tmp")
+    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    os.replace(tmp, p)
+
+
+def exists_field(default: Any = None, **kw: Any) -> Any:
+    """A dataclass field whose value is a path that must exist."""
+    return dataclasses.field(default=default, metadata={"must_exist": True, **kw})
+
+
+def shards_field(default: Any = None) -> Any:
+    """A dataclass field whose value is a shard pattern that must match files."""
+    return dataclasses.field(default=default, metadata={"shards": True})
+
+
+@dataclasses.dataclass
+class RunConfig:
+    """Output folder and seed; the same keys in every recipe."""
+
+    dir: str = "runs/default"
+    seed: int = 0

@@ -1,0 +1,29 @@
+"""Process-aware logging: rank 0 logs at INFO, other ranks at WARNING, each line tagged with its rank."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+
+def setup_logging(rank: int | None = None, level: int = logging.INFO, file: str | None = None) -> logging.Logger:
+    """Configure the root logger once per process; returns the project logger."""
+    rank = int(os.environ.get("RANK", "0")) if rank is None else rank
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    fmt = logging.Formatter(f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(fmt)
+    root.addHandler(handler)
+    if file:
+        fh = logging.FileHandler(file)
+        fh.setFormatter(fmt)
+        root.addHandler(fh)
+    root.setLevel(level if rank == 0 else max(level, logging.WARNING))
+    return logging.getLogger("vlp")
+
+
+def get_logger(name: str) -> logging.Logger:
+    return logging.getLogger(f"vlp.{name}")

@@ -1,0 +1,111 @@
+"""The pretraining recipe schema (also the base of every fine-tuning recipe)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Literal
+
+from launch.config import ConfigError, RunConfig, build_dataclass, shards_field
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclasses.dataclass
+class DataConfig:
+    shards: str | None = shards_field(None)
+    batch_size: int = 8
+    num_workers: int = 2
+    image_size: int = 224
+    shuffle_buffer: int = 1000
+    samples_per_epoch: int | None = None  # None: read from manifest.json beside the shards
+    transform: Literal["albef", "clip", "none"] = "albef"
+    crop_scale: tuple[float, float] = (0.5, 1.0)
+    randaugment: bool = False
+    mean: tuple[float, float, float] = CLIP_MEAN
+    std: tuple[float, float, float] = CLIP_STD
+    max_words: int = 30
+    views: int = 1  # TCL trains on two augmented views of each image
+
+    def validate(self) -> None:
+        if self.batch_size < 1:
+            raise ConfigError("data.batch_size: must be >= 1")
+        if self.num_workers < 0:
+            raise ConfigError("data.num_workers: must be >= 0")
+        if self.views not in (1, 2):
+            raise ConfigError("data.views: must be 1 or 2")
+
+
+@dataclasses.dataclass
+class MixGenConfig:
+    enabled: bool = True
+    variant: Literal["default", "a", "b", "c", "d", "e", "batch"] = "default"
+    ratio: float = 0.25
+    lam: float = 0.5
+    image_log_every: int = 0  # steps between TensorBoard grids of mixed pairs (0: off)
+
+    def validate(self) -> None:
+        if not 0.0 < self.ratio <= 0.5 and self.variant != "batch":
+            raise ConfigError("mixgen.ratio: must be in (0, 0.5] (M = ratio*B pairs mixed with the next M)")
+        if not 0.0 <= self.lam <= 1.0:
+            raise ConfigError("mixgen.lam: must be in [0, 1]")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    max_steps: int = 100
+    lr: float = 1e-4
+    min_lr: float = 1e-5
+    warmup_steps: int = 10
+    weight_decay: float = 0.02
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = 1.0
+    grad_accum: int = 1
+    checkpoint_every: int = 50
+    resume: str = "latest"  # latest | none | path to a checkpoint folder
+    log_every: int = 10
+    max_nonfinite: int = 5  # consecutive non-finite losses before stopping
+    export: bool = True  # write final weights as safetensors
+
+
+@dataclasses.dataclass
+class DeepSpeedConfig:
+    zero_stage: int = 1
+    bf16: bool = False
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)  # merged into the DeepSpeed json
+
+    def validate(self) -> None:
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError("deepspeed.zero_stage: must be 0, 1, 2 or 3")
+
+
+@dataclasses.dataclass
+class PretrainConfig:
+    run: RunConfig = dataclasses.field(default_factory=RunConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    model: dict[str, Any] = dataclasses.field(default_factory=lambda: {"name": "clip"})
+    mixgen: MixGenConfig = dataclasses.field(default_factory=MixGenConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    deepspeed: DeepSpeedConfig = dataclasses.field(default_factory=DeepSpeedConfig)
+
+    def validate(self) -> None:
+        for section in (self.data, self.mixgen, self.deepspeed):
+            section.validate()
+        self.model = resolve_model_options(self.model)
+
+
+def resolve_model_options(model: Any) -> Any:
+    """Turn the ``model`` mapping into the registered model's options dataclass (validating every key)."""
+    from pretrain import models
+
+    if dataclasses.is_dataclass(model):
+        return model
+    model = dict(model)
+    name = model.get("name")
+    if not isinstance(name, str):
+        raise ConfigError("model.name: required (one of " + ", ".join(models.names()) + ")")
+    try:
+        options_cls, _ = models.get(name)
+    except KeyError as exc:
+        raise ConfigError(f"model.name: {exc.args[0]}") from None
+    return build_dataclass(options_cls, model, prefix="model")

@@ -50,3 +50,18 @@ def clean_captions(value: Any) -> tuple[list[str], str | None]:
     if not caps:
         return [], "empty caption"
     return caps, None
+
+
+def load_json(path: str, key: str) -> Any:
+    """Parse a whole annotation file; a missing or malformed file is a ConfigError naming ``key`` and the path."""
+    import json
+
+    from launch.config import ConfigError
+
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return json.load(fh)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{key}: file not found: {path}") from exc
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{key}: {path} is not valid JSON: {exc}") from exc

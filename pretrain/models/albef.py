@@ -1,0 +1,477 @@
+"""ALBEF: align before fuse (ITC with momentum distillation, ITM with hard negatives, MLM with distillation).
+
+A timm ViT and a :class:`~pretrain.models.fusion.FusionBert` text encoder (text-only lower half, cross-attention to
+image tokens in the upper half), 256-d projections, a learnable temperature, momentum (EMA) copies of encoders,
+projections and MLM head, and queues of momentum features. The objective functions are module-level and pure so
+tests (and TCL) reuse them: :func:`distill_targets`, :func:`soft_cross_entropy`, :func:`sample_negatives`,
+:func:`mask_tokens`, :func:`mlm_distill_loss`.
+
+``model(batch)`` reads ``batch["image"]`` and the list ``batch["text"]`` (tokenized here, after MixGen) and, for the
+α ramp, ``batch["step"]``/``batch["steps_per_epoch"]`` (set by the engine; without them α is at its full value).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.models.bert.modeling_bert import BertOnlyMLMHead
+
+from pretrain.models import ModelOptions, register
+from pretrain.models.encoders import (
+    TextOptions,
+    VisionOptions,
+    build_text_encoder,
+    build_tokenizer,
+    build_vision_encoder,
+    text_config,
+    vision_width,
+)
+from pretrain.models.fusion import FusionBert, PairMode
+from pretrain.models.momentum import (
+    FeatureQueues,
+    MomentumModules,
+    autocast_like,
+    copy_params,
+    ema_update,
+    momentum_copy,
+    momentum_pairs,
+)
+
+TEMP_MIN, TEMP_MAX = 0.001, 0.5
+
+
+@dataclasses.dataclass
+class AlbefOptions(ModelOptions):
+    name: str = "albef"
+    vision: VisionOptions = dataclasses.field(default_factory=VisionOptions)
+    text: TextOptions = dataclasses.field(default_factory=TextOptions)
+    image_size: int = 256
+    fusion_layer: int | None = None  # None: half of the text layers (ALBEF: 6 of 12)
+    embed_dim: int = 256
+    temp: float = 0.07
+    queue_size: int = 65536  # must be a multiple of data.batch_size x world size
+    momentum: float = 0.995
+    alpha: float = 0.4  # distillation weight, ramped linearly over the first epoch
+    distill: bool = True
+    mlm_probability: float = 0.15
+    tie_mlm_head: bool = True  # tie the MLM decoder to the word embeddings (BERT/ALBEF do; see docs/models.md)
+    itm_skip_same_text: bool = True  # never draw a hard negative whose caption equals the anchor's (false negative)
+
+
+class Tokens(NamedTuple):
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+
+
+# ============================================================================ objectives (pure functions)
+def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """``-mean_b sum_j targets[b, j] * log_softmax(logits)[b, j]`` (float32)."""
+    return -(targets.float() * F.log_softmax(logits.float(), dim=1)).sum(dim=1).mean()
+
+
+def distill_targets(sim_m: torch.Tensor | None, batch: int, alpha: float) -> torch.Tensor:
+    """ITC targets over ``B + Q`` columns: ``alpha * softmax(sim_m) + (1 - alpha) * onehot(diagonal)``.
+
+    ``sim_m`` (the momentum model's similarities) may be ``None`` (no distillation: hard targets).
+    """
+    rows = batch
+    cols = sim_m.shape[1] if sim_m is not None else batch
+    hard = torch.zeros(rows, cols, device=sim_m.device if sim_m is not None else None)
+    hard[:, :batch] = torch.eye(batch, device=hard.device)
+    if sim_m is None or alpha == 0.0:
+        return hard
+    return alpha * F.softmax(sim_m.float(), dim=1) + (1.0 - alpha) * hard
+
+
+def itc_loss(
+    sim_i2t: torch.Tensor, sim_t2i: torch.Tensor, target_i2t: torch.Tensor, target_t2i: torch.Tensor
+) -> torch.Tensor:
+    """ALBEF's image-text contrastive loss: the mean of the two soft cross-entropies."""
+    return (soft_cross_entropy(sim_i2t, target_i2t) + soft_cross_entropy(sim_t2i, target_t2i)) / 2
+
+
+def sample_negatives(
+    sim: torch.Tensor, exclude: torch.Tensor | None = None, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """For each row ``b`` of ``sim`` ``[B, B]``, draw a column ``j != b`` with probability ``softmax(sim[b])``.
+
+    Robust where ALBEF's ``multinomial`` crashes: non-finite similarities are sanitised, ``exclude[b, j]`` (e.g.
+    identical captions) removes candidates, and a row left with no mass falls back to a uniform draw over the other
+    indices (ignoring ``exclude``; with B = 1 there is none and the row returns itself — callers skip negatives
+    then). Never returns ``b`` when ``B > 1``.
+    """
+    n = sim.shape[0]
+    if sim.shape != (n, n):
+        raise ValueError(f"sample_negatives: need a square [B, B] matrix, got {tuple(sim.shape)}")
+    if n == 1:
+        return torch.zeros(1, dtype=torch.long, device=sim.device)
+    logits = torch.nan_to_num(sim.detach().float(), nan=0.0, posinf=1e4, neginf=-1e4).clamp(-1e4, 1e4)
+    weights = F.softmax(logits, dim=1)
+    eye = torch.eye(n, dtype=torch.bool, device=sim.device)
+    blocked = eye if exclude is None else (eye | exclude.to(sim.device, torch.bool))
+    weights = weights.masked_fill(blocked, 0.0)
+    others = (~eye).float()
+    total = weights.sum(dim=1, keepdim=True)
+    dead = ~(torch.isfinite(total) & (total > 0))
+    weights = torch.where(dead, others, weights)
+    return torch.multinomial(weights, 1, generator=generator).squeeze(1)
+
+
+def mask_tokens(
+    input_ids: torch.Tensor,
+    *,
+    vocab_size: int,
+    mask_token_id: int,
+    special_ids: Sequence[int],
+    probability: float = 0.15,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """BERT masking: select ``probability`` of the non-special tokens; of those 80% -> [MASK], 10% -> a random id,
+    10% unchanged. Returns ``(masked_ids, labels)`` with ``labels = -100`` where not selected."""
+    device = input_ids.device
+
+    def draw(p: float, shape: torch.Size) -> torch.Tensor:
+        return torch.rand(shape, generator=generator, device="cpu").to(device) < p
+
+    ids = input_ids.clone()
+    labels = input_ids.clone()
+    special = torch.isin(input_ids, torch.tensor(list(special_ids), device=device))
+    selected = draw(probability, ids.shape) & ~special
+    labels[~selected] = -100
+    to_mask = draw(0.8, ids.shape) & selected
+    ids[to_mask] = mask_token_id
+    to_random = draw(0.5, ids.shape) & selected & ~to_mask
+    random_ids = torch.randint(vocab_size, ids.shape, generator=generator, device="cpu").to(device)
+    ids[to_random] = random_ids[to_random]
+    return ids, labels
+
+
+def mlm_distill_loss(
+    logits: torch.Tensor, labels: torch.Tensor, logits_m: torch.Tensor | None, alpha: float
+) -> torch.Tensor:
+    """``(1 - alpha) * CE(logits, labels) + alpha * mean_masked(-sum softmax(logits_m) * log_softmax(logits))``.
+
+    ``logits`` ``[N, V]`` and ``labels`` ``[N]`` (rows may include ignored ``-100`` labels). Zero when nothing is
+    masked (keeps the graph so every rank runs the same backward).
+    """
+    keep = labels != -100
+    if not bool(keep.any()):
+        return logits.sum() * 0.0
+    logits, labels = logits[keep].float(), labels[keep]
+    loss = F.cross_entropy(logits, labels)
+    if logits_m is None or alpha == 0.0:
+        return loss
+    soft = F.softmax(logits_m[keep].float(), dim=-1)
+    distill = -(soft * F.log_softmax(logits, dim=-1)).sum(dim=-1).mean()
+    return (1.0 - alpha) * loss + alpha * distill
+
+
+def ramp_alpha(alpha: float, batch: dict[str, Any]) -> float:
+    """ALBEF's warm-up: ``alpha * min(1, step / steps_per_epoch)``; full alpha when the engine gives no step."""
+    step, per_epoch = batch.get("step"), batch.get("steps_per_epoch")
+    if step is None or not per_epoch:
+        return alpha
+    return alpha * min(1.0, float(step) / float(per_epoch))
+
+
+# ============================================================================ model
+class Albef(nn.Module):
+    """ALBEF pretraining model; also the encoder/fusion provider for fine-tuning heads."""
+
+    has_momentum = True  # the engine refuses ZeRO-3 (the EMA reads every full parameter each step)
+    queue_names: tuple[str, ...] = ("image", "text")
+
+    def __init__(self, opts: AlbefOptions) -> None:
+        super().__init__()
+        self.opts = opts
+        self.tokenizer = build_tokenizer(opts.text.name)
+        self.visual_encoder = build_vision_encoder(opts.vision, opts.image_size)
+        width = vision_width(self.visual_encoder)
+        cfg = text_config(opts.text)
+        fusion_layer = cfg.num_hidden_layers // 2 if opts.fusion_layer is None else opts.fusion_layer
+        self.text_encoder = FusionBert(cfg, fusion_layer, encoder_width=width)
+        if opts.text.pretrained:
+            self.text_encoder.load_text_weights(build_text_encoder(opts.text).state_dict())
+        hidden = cfg.hidden_size
+        self.vision_proj = nn.Linear(width, opts.embed_dim)
+        self.text_proj = nn.Linear(hidden, opts.embed_dim)
+        self.itm_head = nn.Linear(hidden, 2)
+        self.mlm_head = BertOnlyMLMHead(cfg)
+        self.mlm_head.apply(self.text_encoder._init_weights)
+        # transformers keeps a spare ``bias`` beside ``decoder.bias`` (tied by its PreTrainedModel machinery, which
+        # we do not use); the forward only reads decoder.bias, so drop the spare: no unused or shared tensor
+        del self.mlm_head.predictions.bias
+        if opts.tie_mlm_head:
+            self.mlm_head.predictions.decoder.weight = self.text_encoder.embeddings.word_embeddings.weight
+        # shape [1], not a 0-dim scalar: DeepSpeed broadcasts parameters as byte views, which 0-dim tensors refuse
+        self.temp = nn.Parameter(torch.full((1,), float(opts.temp)))
+        self.vocab_size = cfg.vocab_size
+        self.special_ids = sorted({i for i in self.tokenizer.all_special_ids if i is not None})
+
+        # momentum twins (float32, see momentum.py); text encoder and MLM head are copied together so a tie survives
+        text_and_head = momentum_copy(nn.ModuleList([self.text_encoder, self.mlm_head]))
+        self.momentum = MomentumModules(
+            {
+                "visual_encoder": momentum_copy(self.visual_encoder),
+                "vision_proj": momentum_copy(self.vision_proj),
+                "text_encoder": text_and_head[0],
+                "mlm_head": text_and_head[1],
+                "text_proj": momentum_copy(self.text_proj),
+            }
+        )
+        copy_params(self.momentum_pairs())
+        self.queues = FeatureQueues(self.queue_names, opts.embed_dim, opts.queue_size)
+
+    # momentum twins by ALBEF's names
+    @property
+    def visual_encoder_m(self) -> nn.Module:
+        return self.momentum["visual_encoder"]
+
+    @property
+    def vision_proj_m(self) -> nn.Module:
+        return self.momentum["vision_proj"]
+
+    @property
+    def text_encoder_m(self) -> FusionBert:
+        return self.momentum["text_encoder"]
+
+    @property
+    def mlm_head_m(self) -> nn.Module:
+        return self.momentum["mlm_head"]
+
+    @property
+    def text_proj_m(self) -> nn.Module:
+        return self.momentum["text_proj"]
+
+    # -------------------------------------------------------------------- public encoders
+    def tokenize(self, texts: Sequence[str]) -> Tokens:
+        """Token ids and attention mask on the model's device (pad to longest, truncate to text.max_length)."""
+        if isinstance(texts, str):
+            raise TypeError("texts must be a list of strings, not a single string")
+        enc = self.tokenizer(
+            list(texts), padding="longest", truncation=True, max_length=self.opts.text.max_length, return_tensors="pt"
+        )
+        device = self.temp.device
+        return Tokens(enc["input_ids"].to(device), enc["attention_mask"].to(device))
+
+    def _tokens(self, text: Sequence[str] | Tokens | dict[str, torch.Tensor]) -> Tokens:
+        if isinstance(text, Tokens):
+            return text
+        if isinstance(text, dict):
+            return Tokens(text["input_ids"], text["attention_mask"])
+        return self.tokenize(text)
+
+    def _vision_tokens(self, encoder: nn.Module, images: torch.Tensor) -> torch.Tensor:
+        dtype = next(encoder.parameters()).dtype
+        return encoder.forward_features(images.to(dtype))
+
+    def encode_image(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(image_embeds [B, 1+N, D] tokens, normalised CLS feature [B, embed_dim])``."""
+        embeds = self._vision_tokens(self.visual_encoder, images)
+        return embeds, F.normalize(self.vision_proj(embeds[:, 0]).float(), dim=-1)
+
+    def encode_text(self, text: Sequence[str] | Tokens | dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(text_embeds [B, L, H] from the text-only layers, normalised CLS feature [B, embed_dim])``."""
+        tokens = self._tokens(text)
+        embeds = self.text_encoder(tokens.input_ids, tokens.attention_mask, mode="text")
+        return embeds, F.normalize(self.text_proj(embeds[:, 0]).float(), dim=-1)
+
+    def fuse(
+        self,
+        image_embeds: torch.Tensor | Sequence[torch.Tensor],
+        text: Sequence[str] | Tokens | dict[str, torch.Tensor] | tuple[torch.Tensor, torch.Tensor],
+        image_atts: torch.Tensor | Sequence[torch.Tensor] | None = None,
+        pair_mode: PairMode = "alternate",
+    ) -> torch.Tensor:
+        """Multimodal hidden states ``[B, L, H]`` (CLS at 0) of texts over one or several image token sets.
+
+        ``text`` is raw strings / :class:`Tokens` (run through the text layers first) or ``(text_embeds,
+        attention_mask)`` from :meth:`encode_text`. Several images per text (NLVR2): pass a list of ``[B, N, D]``;
+        ``pair_mode`` picks ALBEF's alternating rule or concatenation (see :mod:`pretrain.models.fusion`).
+        Cross-attention maps for Grad-CAM: ``self.text_encoder.set_save_attention(True)`` before the call.
+        """
+        if isinstance(text, tuple) and not isinstance(text, Tokens):
+            embeds, mask = text
+        else:
+            tokens = self._tokens(text)
+            mask = tokens.attention_mask
+            embeds = self.text_encoder(tokens.input_ids, mask, mode="text")
+        return self.text_encoder(
+            attention_mask=mask,
+            hidden_states=embeds,
+            image_embeds=image_embeds,
+            image_atts=image_atts,
+            mode="fusion",
+            pair_mode=pair_mode,
+        )
+
+    def itm_logits(self, fused: torch.Tensor) -> torch.Tensor:
+        """ITM logits ``[B, 2]`` (index 1 = match) from fused hidden states."""
+        return self.itm_head(fused[:, 0]).float()
+
+    # -------------------------------------------------------------------- training
+    def temperature(self) -> torch.Tensor:
+        """The temperature, clamped to [0.001, 0.5] in the forward as well as in place (bf16/ZeRO copies)."""
+        with torch.no_grad():
+            self.temp.clamp_(TEMP_MIN, TEMP_MAX)
+        return self.temp.float().clamp(TEMP_MIN, TEMP_MAX).squeeze(0)
+
+    def momentum_pairs(self) -> list[tuple[nn.Parameter, nn.Parameter]]:
+        """(online, momentum) parameter pairs, looked up each time (robust to parameters replaced by a wrapper)."""
+        names = ("visual_encoder", "vision_proj", "text_encoder", "mlm_head", "text_proj")
+        # text encoder + MLM head as one unit: a tied decoder weight is then one pair, not two
+        online = [getattr(self, n) for n in names]
+        twins = [self.momentum[n] for n in names]
+        online = online[:2] + [nn.ModuleList(online[2:4])] + online[4:]
+        twins = twins[:2] + [nn.ModuleList(twins[2:4])] + twins[4:]
+        return momentum_pairs(online, twins)
+
+    @torch.no_grad()
+    def momentum_update(self) -> None:
+        ema_update(self.momentum_pairs(), self.opts.momentum)
+
+    def _momentum_images(self, batch: dict[str, Any]) -> torch.Tensor:
+        """What the momentum image encoder sees (ALBEF: the same view; TCL overrides with the second view)."""
+        return batch["image"]
+
+    def forward(self, batch: dict[str, Any]) -> dict[str, Any]:
+        images = batch["image"]
+        texts = batch["text"]
+        if not isinstance(texts, list):
+            raise TypeError(f"batch['text'] must be a list of str, got {type(texts).__name__}")
+        bsz = images.shape[0]
+        if self.training:
+            self.queues.check_batch(bsz)
+        alpha = ramp_alpha(self.opts.alpha, batch) if self.opts.distill else 0.0
+        temp = self.temperature()
+        tokens = self.tokenize(texts)
+
+        image_embeds, image_feat = self.encode_image(images)
+        text_embeds, text_feat = self.encode_text(tokens)
+        with torch.no_grad(), autocast_like(self.temp):
+            if self.training:
+                self.momentum_update()
+            image_embeds_m = self._vision_tokens(self.visual_encoder_m, self._momentum_images(batch))
+            image_feat_m = F.normalize(self.vision_proj_m(image_embeds_m[:, 0]).float(), dim=-1)
+            text_hidden_m = self.text_encoder_m(tokens.input_ids, tokens.attention_mask, mode="text")
+            text_feat_m = F.normalize(self.text_proj_m(text_hidden_m[:, 0]).float(), dim=-1)
+            image_feat_all = torch.cat([image_feat_m, self.queues.get("image").float()], dim=0)
+            text_feat_all = torch.cat([text_feat_m, self.queues.get("text").float()], dim=0)
+
+        state = {
+            "tokens": tokens,
+            "texts": texts,
+            "temp": temp,
+            "alpha": alpha,
+            "image_embeds": image_embeds,
+            "image_feat": image_feat,
+            "text_embeds": text_embeds,
+            "text_feat": text_feat,
+            "image_embeds_m": image_embeds_m,
+            "image_feat_m": image_feat_m,
+            "text_hidden_m": text_hidden_m,
+            "text_feat_m": text_feat_m,
+            "image_feat_all": image_feat_all,
+            "text_feat_all": text_feat_all,
+        }
+        losses = self.contrastive_losses(state)
+        losses["itm"] = self.itm_loss(state)
+        losses["mlm"] = self.mlm_loss(state)
+        if self.training:
+            self.queues.enqueue(image=image_feat_m, text=text_feat_m)
+        loss = self.total_loss(losses)
+        return {
+            "loss": loss,
+            "losses": {k: v.detach() for k, v in losses.items()},
+            "temp": temp.detach(),
+            "alpha": alpha,
+        }
+
+    def total_loss(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
+        """ALBEF: the unweighted sum ITC + ITM + MLM."""
+        return losses["itc"] + losses["itm"] + losses["mlm"]
+
+    def contrastive_losses(self, s: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """ITC with momentum distillation against [momentum batch features; queue]; stores the batch similarities
+        (``sim_i2t``/``sim_t2i`` over the first B columns) in ``s`` for the hard-negative draw."""
+        temp, bsz = s["temp"], s["image_feat"].shape[0]
+        sim_i2t = s["image_feat"] @ s["text_feat_all"].T / temp
+        sim_t2i = s["text_feat"] @ s["image_feat_all"].T / temp
+        with torch.no_grad():
+            sim_i2t_m = s["image_feat_m"] @ s["text_feat_all"].T / temp
+            sim_t2i_m = s["text_feat_m"] @ s["image_feat_all"].T / temp
+            target_i2t = distill_targets(sim_i2t_m, bsz, s["alpha"])
+            target_t2i = distill_targets(sim_t2i_m, bsz, s["alpha"])
+        s["sim_i2t"], s["sim_t2i"] = sim_i2t[:, :bsz], sim_t2i[:, :bsz]
+        return {"itc": itc_loss(sim_i2t, sim_t2i, target_i2t, target_t2i)}
+
+    def _exclude_same_text(self, texts: list[str], device: torch.device) -> torch.Tensor | None:
+        if not self.opts.itm_skip_same_text:
+            return None
+        ids = {t: i for i, t in enumerate(texts)}
+        codes = torch.tensor([ids[t] for t in texts], device=device)
+        return codes[:, None] == codes[None, :]
+
+    def itm_loss(self, s: dict[str, Any]) -> torch.Tensor:
+        """ITM over B positives and 2B hard negatives (one negative image per text, one negative text per image)."""
+        image_embeds, text_embeds, mask = s["image_embeds"], s["text_embeds"], s["tokens"].attention_mask
+        bsz = image_embeds.shape[0]
+        if bsz > 1:
+            exclude = self._exclude_same_text(s["texts"], image_embeds.device)
+            neg_image = sample_negatives(s["sim_t2i"], exclude)  # for text b, an image j != b
+            neg_text = sample_negatives(s["sim_i2t"], exclude)  # for image b, a text j != b
+            all_images = torch.cat([image_embeds, image_embeds[neg_image], image_embeds], dim=0)
+            all_text = torch.cat([text_embeds, text_embeds, text_embeds[neg_text]], dim=0)
+            all_mask = torch.cat([mask, mask, mask[neg_text]], dim=0)
+        else:  # a batch of one has no negative: positives only (still a valid, if weak, signal)
+            all_images, all_text, all_mask = image_embeds, text_embeds, mask
+        fused = self.fuse(all_images, (all_text, all_mask))
+        logits = self.itm_logits(fused)
+        labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
+        labels[:bsz] = 1
+        return F.cross_entropy(logits, labels)
+
+    def mlm_loss(self, s: dict[str, Any]) -> torch.Tensor:
+        """Masked LM in full multimodal mode, distilled from the momentum model's predictions."""
+        tokens = s["tokens"]
+        ids, labels = mask_tokens(
+            tokens.input_ids,
+            vocab_size=self.vocab_size,
+            mask_token_id=self.tokenizer.mask_token_id,
+            special_ids=self.special_ids,
+            probability=self.opts.mlm_probability,
+        )
+        keep = labels != -100
+        hidden = self.text_encoder(ids, tokens.attention_mask, image_embeds=s["image_embeds"], mode="multimodal")
+        # the vocabulary projection only at masked positions: same loss, far less memory
+        logits = self.mlm_head(hidden[keep])
+        logits_m = None
+        if s["alpha"] > 0.0 and bool(keep.any()):
+            with torch.no_grad(), autocast_like(self.temp):
+                hidden_m = self.text_encoder_m(
+                    ids, tokens.attention_mask, image_embeds=s["image_embeds_m"], mode="multimodal"
+                )
+                logits_m = self.mlm_head_m(hidden_m[keep])
+        return mlm_distill_loss(logits, labels[keep], logits_m, s["alpha"])
+
+    @torch.no_grad()
+    def after_optimizer_step(self) -> None:
+        self.temp.clamp_(TEMP_MIN, TEMP_MAX)
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names exempt from weight decay besides 1-D ones (the temperature and timm's own list)."""
+        names = {"temp"}
+        inner = getattr(self.visual_encoder, "no_weight_decay", None)
+        if callable(inner):
+            names |= {f"visual_encoder.{n}" for n in inner()}
+        return names
+
+
+@register("albef", AlbefOptions)
+def build(opts: AlbefOptions) -> Albef:
+    return Albef(opts)

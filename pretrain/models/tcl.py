@@ -1,0 +1,120 @@
+"""TCL: ALBEF plus intra-modal contrastive (IMC) and local mutual-information (LMI) objectives.
+
+Differences from :class:`~pretrain.models.albef.Albef` (everything else is inherited):
+
+* the momentum image encoder sees the second augmented view ``batch["image2"]`` (recipes set ``data.views: 2``);
+* IMC: image-image ``image_feat @ [image_feat_m(view 2); image queue] / τ`` and text-text ``text_feat @ [text_feat_m;
+  text queue] / τ`` with hard diagonal targets (no distillation);
+* LMI (:func:`global_local_loss`): each sample's online global feature must pick out its own momentum local features
+  (image patch features avg-pooled to a ``lmi_grid``×``lmi_grid`` grid; text token features without [CLS], padding
+  masked) against the locals of every other sample in the batch;
+* loss as in TCL's code: ``mlm + itm + (itc + imc + lmi) / 3``, where each of itc/imc/lmi is the mean of its image and
+  text halves (TCL's ``(i2t + t2i + i2i + t2t + i2i_local + t2t_local) / 6``). The weights are options.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from pretrain.models import register
+from pretrain.models.albef import Albef, AlbefOptions
+from pretrain.models.momentum import autocast_like
+
+
+@dataclasses.dataclass
+class TclOptions(AlbefOptions):
+    name: str = "tcl"
+    lmi_grid: int = 4  # image locals: patch features avg-pooled to lmi_grid x lmi_grid (TCL: 16x16 -> 4x4)
+    itc_weight: float = 1.0 / 3.0
+    imc_weight: float = 1.0 / 3.0
+    lmi_weight: float = 1.0 / 3.0
+
+
+def intra_modal_loss(feat: torch.Tensor, feat_all: torch.Tensor, temp: torch.Tensor | float) -> torch.Tensor:
+    """TCL's IMC for one modality: ``feat`` ``[B, D]`` (online) against ``feat_all`` ``[B + Q, D]`` (momentum features
+    of the same samples, then the queue); the positive of row ``b`` is column ``b`` (hard targets)."""
+    bsz = feat.shape[0]
+    targets = torch.arange(bsz, device=feat.device)
+    return F.cross_entropy((feat.float() @ feat_all.float().T) / temp, targets)
+
+
+def global_local_loss(
+    local: torch.Tensor, glob: torch.Tensor, temp: torch.Tensor | float, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """TCL's in-batch global-to-local InfoNCE.
+
+    ``local`` ``[B, n, D]`` (momentum, normalised), ``glob`` ``[B, D]`` (online, normalised), ``mask`` ``[B, n]``
+    (1 = valid local; text padding). For a valid local ``j`` of sample ``b`` the positive logit is
+    ``<local[b, j], glob[b]> / τ`` and the negatives are ``<glob[b], local[b', j']> / τ`` for every ``b' != b`` and
+    valid ``j'``. Loss = ``-log softmax(positive)``, averaged over the valid locals of each sample, then over samples.
+    """
+    bsz, n, _ = local.shape
+    local, glob = local.float(), glob.float()
+    if mask is None:
+        mask = torch.ones(bsz, n, device=local.device)
+    valid = mask.to(local.device).bool()
+    pos = torch.einsum("bnd,bd->bn", local, glob) / temp  # [B, n]
+    neg = (glob @ local.reshape(bsz * n, -1).T / temp).reshape(bsz, bsz, n)  # [B(anchor), B', n]
+    eye = torch.eye(bsz, dtype=torch.bool, device=local.device)
+    drop = eye[:, :, None] | ~valid[None, :, :]
+    neg = neg.masked_fill(drop, float("-inf")).reshape(bsz, bsz * n)
+    # the negatives of sample b are the same for all its locals: one logsumexp per sample
+    lse_neg = torch.logsumexp(neg, dim=1, keepdim=True)  # -inf when there is no negative (B = 1)
+    per_local = torch.logaddexp(pos, lse_neg.expand_as(pos)) - pos  # -log softmax(pos)
+    per_local = per_local.masked_fill(~valid, 0.0)
+    per_sample = per_local.sum(dim=1) / valid.sum(dim=1).clamp_min(1)
+    return per_sample.mean()
+
+
+def pool_patches(tokens: torch.Tensor, grid: tuple[int, int], out: int) -> torch.Tensor:
+    """Patch tokens ``[B, H*W, D]`` on a ``grid`` -> average-pooled ``[B, out*out, D]``."""
+    bsz, count, dim = tokens.shape
+    h, w = grid
+    if count != h * w:
+        raise ValueError(f"{count} patch tokens do not form the {h}x{w} grid")
+    x = tokens.transpose(1, 2).reshape(bsz, dim, h, w)
+    x = F.adaptive_avg_pool2d(x, (min(out, h), min(out, w)))
+    return x.flatten(2).transpose(1, 2)
+
+
+class Tcl(Albef):
+    """TCL pretraining model (triple contrastive learning)."""
+
+    def _momentum_images(self, batch: dict[str, Any]) -> torch.Tensor:
+        second = batch.get("image2")
+        if second is None:
+            raise KeyError("TCL needs batch['image2'], the second augmented view: set data.views: 2")
+        return second
+
+    def contrastive_losses(self, s: dict[str, Any]) -> dict[str, torch.Tensor]:
+        losses = super().contrastive_losses(s)
+        temp = s["temp"]
+        loss_i2i = intra_modal_loss(s["image_feat"], s["image_feat_all"], temp)
+        loss_t2t = intra_modal_loss(s["text_feat"], s["text_feat_all"], temp)
+        losses["imc"] = (loss_i2i + loss_t2t) / 2
+
+        with torch.no_grad(), autocast_like(self.temp):
+            prefix = getattr(self.visual_encoder_m, "num_prefix_tokens", 1)
+            patches = self.vision_proj_m(s["image_embeds_m"][:, prefix:])
+            grid = tuple(self.visual_encoder_m.patch_embed.grid_size)
+            image_local = pool_patches(F.normalize(patches.float(), dim=-1), grid, self.opts.lmi_grid)
+            text_local = F.normalize(self.text_proj_m(s["text_hidden_m"][:, 1:]).float(), dim=-1)
+        text_mask = s["tokens"].attention_mask[:, 1:]
+        loss_i = global_local_loss(image_local, s["image_feat"], temp)
+        loss_t = global_local_loss(text_local, s["text_feat"], temp, text_mask)
+        losses["lmi"] = (loss_i + loss_t) / 2
+        return losses
+
+    def total_loss(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
+        o = self.opts
+        contrastive = o.itc_weight * losses["itc"] + o.imc_weight * losses["imc"] + o.lmi_weight * losses["lmi"]
+        return contrastive + losses["itm"] + losses["mlm"]
+
+
+@register("tcl", TclOptions)
+def build(opts: TclOptions) -> Tcl:
+    return Tcl(opts)

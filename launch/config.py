@@ -17,6 +17,7 @@ import dataclasses
 import difflib
 import glob
 import os
+import re
 import types
 import typing
 from pathlib import Path
@@ -163,6 +164,9 @@ def build_dataclass(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
 
 
 def _parse_scalar(text: str) -> Any:
+    # YAML 1.1 reads "16:1" as the base-60 integer 961; colon-separated digits stay a string (ratios, times).
+    if re.fullmatch(r"\d+(:\d+)+", text.strip()):
+        return text.strip()
     try:
         return yaml.safe_load(text) if text != "" else ""
     except yaml.YAMLError:

@@ -65,6 +65,7 @@ class TrainConfig:
     resume: str = "latest"  # latest | none | path to a checkpoint folder
     log_every: int = 10
     max_nonfinite: int = 5  # consecutive non-finite losses before stopping
+    keep_checkpoints: int = 3  # newest checkpoints kept in run.dir/checkpoints
     export: bool = True  # write final weights as safetensors
 
 
@@ -108,4 +109,8 @@ def resolve_model_options(model: Any) -> Any:
         options_cls, _ = models.get(name)
     except KeyError as exc:
         raise ConfigError(f"model.name: {exc.args[0]}") from None
-    return build_dataclass(options_cls, model, prefix="model")
+    opts = build_dataclass(options_cls, model, prefix="model")
+    validate = getattr(opts, "validate", None)
+    if callable(validate):
+        validate()  # a model's own checks (e.g. style_transfer's style_dir) fail here, before any worker starts
+    return opts

@@ -1,0 +1,92 @@
+"""The fine-tuning recipe schema: the pretrain sections plus ``task`` (resolved by the task registry) and ``eval``.
+
+``task`` is a mapping whose ``name`` picks a registered task; the task's options dataclass validates the other keys
+(as ``model`` is validated by the model registry). MixGen is off in fine-tuning unless a recipe turns it on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Literal
+
+from launch.config import ConfigError, build_dataclass
+from pretrain.config import MixGenConfig, PretrainConfig
+
+
+def _mixgen_off() -> MixGenConfig:
+    return MixGenConfig(enabled=False)
+
+
+@dataclasses.dataclass
+class EvalConfig:
+    """Evaluation options shared by the tasks (retrieval reads all of them)."""
+
+    every: int = 0  # steps between validation runs; 0: once per epoch of the training loader
+    metric: str = "r_mean"  # the key of the task's metrics that picks the best checkpoint (higher is better)
+    batch_size: int = 64  # images/texts encoded per forward
+    num_workers: int = 0  # image decoding workers for evaluation
+    k_test: int = 128  # fusion models: ITM re-ranks the ITC top-k (ALBEF: 256 COCO, 128 Flickr)
+    score: Literal["itm", "itm+itc"] = "itm"  # fusion re-rank score: ALBEF's ITM logit, or LAVIS's ITM + ITC sim
+    rerank_batch: int = 128  # image-text pairs per fusion forward
+    block: int = 256  # query rows per block of the blockwise similarity computation
+    ks: tuple[int, ...] = (1, 5, 10)
+    full_itm_max_pairs: int = 250_000  # ViLT (no ITC) scores every pair with ITM; refuse larger test sets
+    qualitative: int = 4  # text queries in the qualitative PNG (0: none)
+    splits: tuple[str, ...] = ("val", "test")  # splits --eval-only evaluates
+
+    def validate(self) -> None:
+        if self.every < 0:
+            raise ConfigError("eval.every: must be >= 0 (0: once per epoch)")
+        for key in ("batch_size", "k_test", "rerank_batch", "block", "full_itm_max_pairs"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"eval.{key}: must be >= 1")
+        if not self.ks or any(k < 1 for k in self.ks):
+            raise ConfigError("eval.ks: a non-empty list of positive ranks")
+        if self.k_test < max(self.ks):
+            raise ConfigError(f"eval.k_test: {self.k_test} is below the largest recall rank {max(self.ks)}")
+        bad = [s for s in self.splits if s not in ("train", "val", "test")]
+        if bad:
+            raise ConfigError(f"eval.splits: unknown split {bad[0]!r} (train, val, test)")
+
+
+@dataclasses.dataclass
+class FinetuneConfig(PretrainConfig):
+    """``run``/``data``/``model``/``mixgen``/``train``/``deepspeed`` as in pretraining, plus ``task`` and ``eval``."""
+
+    mixgen: MixGenConfig = dataclasses.field(default_factory=_mixgen_off)
+    task: dict[str, Any] = dataclasses.field(default_factory=lambda: {"name": "retrieval"})
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+
+    def validate(self) -> None:
+        super().validate()
+        self.eval.validate()
+        if int(self.deepspeed.zero_stage) == 3:
+            raise ConfigError(
+                "deepspeed.zero_stage: fine-tuning keeps the best weights from the full module state, which ZeRO-3 "
+                "partitions; use stage 0, 1 or 2"
+            )
+        self.task = resolve_task_options(self.task)
+        check = getattr(self.task, "check", None)
+        if callable(check):
+            check(self)
+
+
+def resolve_task_options(task: Any) -> Any:
+    """Turn the ``task`` mapping into the registered task's options dataclass (validating every key)."""
+    from finetune import tasks
+
+    if dataclasses.is_dataclass(task):
+        return task
+    task = dict(task)
+    name = task.get("name")
+    if not isinstance(name, str):
+        raise ConfigError("task.name: required (one of " + ", ".join(tasks.names()) + ")")
+    try:
+        options_cls, _ = tasks.get(name)
+    except KeyError as exc:
+        raise ConfigError(f"task.name: {exc.args[0]}") from None
+    opts = build_dataclass(options_cls, task, prefix="task")
+    validate = getattr(opts, "validate", None)
+    if callable(validate):
+        validate()
+    return opts

@@ -1,0 +1,134 @@
+"""``python -m finetune``: config errors before work, and an end-to-end run of all four models on CPU: pretrain a
+few steps on synthetic shards, fine-tune retrieval with the shared engine (best checkpoint kept, evaluated on test),
+and ``--eval-only`` (which must reproduce the fine-tune's test numbers from its best weights)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from finetune.__main__ import main as finetune_main
+from launch.dist import free_port
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = {
+    **os.environ,
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "DS_ACCELERATOR": "cpu",
+    "OMP_NUM_THREADS": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "PYTHONPATH": str(REPO),
+}
+RECIPE = "configs/finetune/retrieval_synthetic.yaml"
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("synthetic")
+    subprocess.run(
+        [sys.executable, "-m", "data_prep", "synthetic", "--config", "configs/data_prep/synthetic.yaml",
+         f"out.dir={out}", "out.image_size=32", "out.samples_per_shard=24", "splits.train=48", "splits.val=12",
+         "splits.test=12"],
+        cwd=REPO, env=ENV, check=True, capture_output=True, timeout=120,
+    )  # fmt: skip
+    return out
+
+
+def _task_args(data: Path) -> list[str]:
+    return [f"task.{s}_json={data}/{s}_retrieval.json" for s in ("train", "val", "test")] + [f"task.image_root={data}"]
+
+
+@pytest.mark.parametrize(
+    "overrides, eval_only, expect",
+    [
+        (["eval.scroe=itm"], False, "eval.scroe"),  # unknown key, with a suggestion
+        (["eval.score=itc"], False, "eval.score"),  # not one of itm|itm+itc
+        (["model.init=/nonexistent/run"], True, "model.init"),
+        (["task.test_json=/nonexistent/test.json"], True, "task.test_json"),  # annotation files must exist
+        (["task.train_json=null"], False, "task.train_json"),  # training needs it, --eval-only does not
+        (["task.namee=retrieval"], False, "task.namee"),
+        (["eval.k_test=5"], False, "eval.k_test"),  # below the largest recall rank (10)
+        (["deepspeed.zero_stage=3"], False, "zero_stage"),
+    ],
+)
+def test_config_errors_exit_2_before_any_work(data, tmp_path, capsys, overrides, eval_only, expect):
+    run_dir = tmp_path / "run"
+    argv = ["--config", RECIPE, f"run.dir={run_dir}", "model.init=none", *_task_args(data), *overrides]
+    assert finetune_main(argv + (["--eval-only"] if eval_only else [])) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("config error:") and expect in err
+    assert not run_dir.exists()  # nothing started
+
+
+DRIVER = textwrap.dedent(
+    """
+    import json, os, sys
+    from pathlib import Path
+    import yaml
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[3])
+    from pretrain.__main__ import main as pretrain
+    from finetune.__main__ import main as finetune
+    data, out = Path(sys.argv[1]), Path(sys.argv[2])
+    fusion = ["model.vision.kwargs.depth=1", "model.text.config.num_hidden_layers=2", "model.fusion_layer=1",
+              "model.embed_dim=32", "model.queue_size=32"]
+    tiny = {"clip": ["model.vision.kwargs.depth=1", "model.text.config.num_hidden_layers=1", "model.embed_dim=32"],
+            "albef": fusion, "tcl": fusion, "vilt": ["model.depth=1", "model.wpa=false"]}
+    for name in sys.argv[4].split(","):
+        recipe = yaml.safe_load(open(f"configs/pretrain/{name}_tiny.yaml"))
+        common = ["data.image_size=32", "model.image_size=32", "data.batch_size=8", "data.num_workers=0"] + tiny[name]
+        assert pretrain(["--config", f"configs/pretrain/{name}_tiny.yaml", f"run.dir={out}/{name}",
+                         f"data.shards={data}/train/{{00000..00001}}.tar", "train.max_steps=2", "train.log_every=1",
+                         "train.checkpoint_every=0", "mixgen.image_log_every=0", *common]) == 0
+        # the fine-tune recipe with the pretrain recipe's model section and image normalization
+        ft = yaml.safe_load(open("configs/finetune/retrieval_synthetic.yaml"))
+        ft["model"] = {**recipe["model"], "init": f"{out}/{name}"}
+        ft["data"].update({k: recipe["data"][k] for k in ("transform", "mean", "std") if k in recipe["data"]})
+        ft["task"].update({f"{s}_json": f"{data}/{s}_retrieval.json" for s in ("train", "val", "test")})
+        ft["task"]["image_root"] = str(data)
+        cfg = out / f"ft_{name}.yaml"
+        cfg.write_text(yaml.safe_dump(ft))
+        evals = ["eval.k_test=10", "eval.rerank_batch=16", "eval.qualitative=2"]
+        assert finetune(["--config", str(cfg), f"run.dir={out}/ft_{name}", "train.max_steps=2", "eval.every=2",
+                         "train.log_every=1", "train.checkpoint_every=0", *evals, *common]) == 0
+        if name in ("clip", "albef"):
+            # --eval-only from the fine-tuned best weights reproduces the fine-tune's test numbers
+            assert finetune(["--config", str(cfg), "--eval-only", f"run.dir={out}/zs_{name}",
+                             f"model.init={out}/ft_{name}/best.safetensors", "eval.splits=[test]",
+                             *evals, *common]) == 0
+    """
+)
+
+
+@pytest.mark.slow
+def test_pretrain_finetune_and_eval_only_all_models(data, tmp_path):
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER)
+    models = ["clip", "albef", "tcl", "vilt"]
+    proc = subprocess.run(
+        [sys.executable, str(driver), str(data), str(tmp_path), str(free_port()), ",".join(models)],
+        cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    for name in models:
+        run = tmp_path / f"ft_{name}"
+        res = json.loads((run / "results.json").read_text())
+        assert res["mode"] == "finetune" and res["train"]["steps"] == 2
+        assert res["best"]["step"] == 2 and (run / "best.safetensors").is_file()
+        test = res["splits"]["test"]
+        assert test["num_images"] == 12 and test["num_texts"] == 60
+        assert 0.0 <= test["rsum"] <= 600.0 and test["chance_rsum"] > 0
+        assert res["splits"]["val_best"]["r_mean"] == res["best"]["value"]
+        assert (run / "retrieval_test_queries.png").stat().st_size > 0
+        assert "TR@1" in proc.stdout
+    for name in ("clip", "albef"):
+        zs = json.loads((tmp_path / f"zs_{name}" / "results.json").read_text())
+        ft = json.loads((tmp_path / f"ft_{name}" / "results.json").read_text())
+        assert zs["mode"] == "eval-only" and list(zs["splits"]) == ["test"]
+        assert zs["splits"]["test"] == ft["splits"]["test"]  # same weights, same numbers: deterministic eval

@@ -1,0 +1,252 @@
+"""Training the style network (model ``style_transfer``): loss values by hand, the deterministic style sampler with
+corrupt files, the MixGen guard, and a short run under the shared engine that writes the stage's checkpoint."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from launch.config import ConfigError
+from pretrain.models.style_transfer import (
+    StyleImages,
+    content_loss,
+    gram_matrix,
+    style_loss,
+    total_variation,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = {
+    **os.environ,
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "DS_ACCELERATOR": "cpu",
+    "OMP_NUM_THREADS": "1",
+    "PYTHONPATH": str(REPO),
+}
+
+
+def make_style_dir(root: Path, n: int = 6) -> Path:
+    """``n`` random images of varied sizes in two sub-folders, plus one corrupt file."""
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        sub = root / ("paintings" if i % 2 else "textures")
+        sub.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (44 + 6 * i, 64, 3), dtype=np.uint8)).save(sub / f"s{i}.png")
+    (root / "textures" / "broken.jpg").write_bytes(b"this is not a jpeg")
+    return root
+
+
+# ------------------------------------------------------------------------------------------- losses by hand
+
+
+def test_gram_matrix_is_normalised_by_h_times_w_only():
+    f = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]], [[0.0, 1.0], [1.0, 0.0]]]])  # [1, 2, 2, 2]
+    g = gram_matrix(f)
+    # channel vectors a = (1,2,3,4), b = (0,1,1,0); divided by H*W = 4 (not by C)
+    expected = torch.tensor([[30.0, 5.0], [5.0, 2.0]]) / 4
+    assert torch.allclose(g[0], expected)
+    assert style_loss(g, torch.zeros_like(g)).item() == pytest.approx((expected**2).mean().item())
+
+
+def test_total_variation_matches_magenta_formula():
+    x = torch.tensor([[[[0.0, 1.0, 3.0], [2.0, 2.0, 2.0]]]])  # B=1, C=1, H=2, W=3
+    # dy = (2, 1, -1): l2 = (4+1+1)/2 = 3, / ((H-1) W C) = 3 -> 1
+    # dx = (1, 2), (0, 0): l2 = (1+4)/2 = 2.5, / (H (W-1) C) = 4 -> 0.625
+    assert total_variation(x).item() == pytest.approx(1.625)
+    # the mean over the batch: two copies give the same value
+    assert total_variation(torch.cat([x, x])).item() == pytest.approx(1.625)
+    assert content_loss(torch.ones(2, 3), torch.zeros(2, 3)).item() == pytest.approx(1.0)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    from pretrain.config import resolve_model_options
+    from pretrain.models import get
+
+    styles = make_style_dir(tmp_path_factory.mktemp("styles"))
+    opts = resolve_model_options(
+        {"name": "style_transfer", "style_dir": str(styles), "vgg_weights": "random", "style_size": 48,
+         "tv_weight": 10.0, "content_weight": 2.0, "style_weights": [1.0, 0.0, 0.0, 3.0]}
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return get("style_transfer")[1](opts)
+
+
+def test_weighted_losses_combine_the_vgg_terms(tiny_model):
+    g = torch.Generator().manual_seed(0)
+    content, style, out = (torch.rand(2, 3, 32, 32, generator=g) for _ in range(3))
+    losses = tiny_model.losses(content, style, out)
+    fc, fs, fo = tiny_model.vgg(content), tiny_model.vgg(style), tiny_model.vgg(out)
+    assert losses["content"].item() == pytest.approx(2.0 * ((fo["conv3_3"] - fc["conv3_3"]) ** 2).mean().item())
+    expected_style = sum(
+        w * ((gram_matrix(fo[n]) - gram_matrix(fs[n])) ** 2).mean().item()
+        for w, n in ((1.0, "conv1_2"), (3.0, "conv4_3"))
+    )
+    assert losses["style"].item() == pytest.approx(expected_style, rel=1e-5)
+    assert losses["tv"].item() == pytest.approx(10.0 * total_variation(out).item())
+    # frozen loss network: no trainable VGG parameter, and train() keeps it in eval mode
+    assert not any(p.requires_grad for p in tiny_model.vgg.parameters())
+    tiny_model.train()
+    assert not tiny_model.vgg.training and tiny_model.predictor.training
+
+
+def test_configure_refuses_mixgen_and_takes_loader_normalisation(tiny_model):
+    cfg = SimpleNamespace(
+        mixgen=SimpleNamespace(enabled=True),
+        data=SimpleNamespace(mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25)),
+        run=SimpleNamespace(seed=3),
+    )
+    with pytest.raises(ConfigError, match="mixgen.enabled"):
+        tiny_model.configure(cfg)
+    cfg.mixgen.enabled = False
+    tiny_model.configure(cfg)
+    image = torch.full((2, 3, 32, 32), 1.0)  # normalized 1.0 -> 0.5 + 0.25 = 0.75 in [0, 1]
+    out = tiny_model({"image": image, "text": ["a", "b"], "step": 0})
+    assert set(out["losses"]) == {"content", "style", "tv"}
+    assert torch.isfinite(out["loss"]) and out["loss"].requires_grad
+    assert torch.equal(tiny_model.data_mean.flatten(), torch.full((3,), 0.5))
+
+
+def test_bf16_weights_train_and_ranks_share_the_statistics(tiny_model):
+    import copy
+
+    model = copy.deepcopy(tiny_model).to(torch.bfloat16)  # what DeepSpeed's bf16 mode hands the model
+    cfg = SimpleNamespace(
+        mixgen=SimpleNamespace(enabled=False),
+        data=SimpleNamespace(mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25)),
+        run=SimpleNamespace(seed=0),
+    )
+    model.configure(cfg)
+    out = model({"image": torch.zeros(2, 3, 32, 32, dtype=torch.bfloat16), "step": 1})
+    out["loss"].backward()
+    assert out["loss"].dtype == torch.float32 and torch.isfinite(out["loss"])
+    assert model.transformer.out_conv.conv.weight.grad is not None
+    # two ranks embed disjoint halves of the style files; together they cover the readable ones once
+    full = tiny_model.style_embeddings()
+    halves = torch.cat([tiny_model.style_embeddings(0, 2), tiny_model.style_embeddings(1, 2)])
+    assert full.shape == halves.shape == (6, 100)  # 7 files, the broken one left out
+    assert torch.allclose(full.sum(0), halves.sum(0), atol=1e-4)
+
+
+def test_style_sampler_is_deterministic_and_skips_corrupt_files(tmp_path, caplog):
+    styles = StyleImages(str(make_style_dir(tmp_path)), size=48, scale=1.5)
+    assert len(styles.files) == 7  # six images + the broken one
+    with caplog.at_level(logging.WARNING, logger="vlp.style_transfer"):
+        batches = [styles.batch(0, step, 0, 8) for step in range(3)]
+    assert all(b.shape == (8, 3, 48, 48) and 0 <= b.min() and b.max() <= 1 for b in batches)
+    assert "broken.jpg" in caplog.text and len(styles.bad) == 1
+    # a fresh sampler (a resumed run) draws the same images for the same (seed, step, rank)
+    again = StyleImages(str(tmp_path), size=48, scale=1.5)
+    assert torch.equal(again.batch(0, 2, 0, 8), batches[2])
+    assert not torch.equal(batches[1], batches[2])
+    assert not torch.equal(again.batch(0, 2, 1, 8), batches[2])  # another rank, other styles
+
+
+def test_missing_style_dir_is_a_config_error(tmp_path):
+    from pretrain.config import resolve_model_options
+
+    with pytest.raises(ConfigError, match="model.style_dir"):
+        resolve_model_options({"name": "style_transfer", "style_dir": str(tmp_path / "nope"), "vgg_weights": "random"})
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ConfigError, match="no image files"):
+        StyleImages(str(empty), size=48)
+
+
+# ------------------------------------------------------------------------------------------- under the engine
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> tuple[Path, Path]:
+    out = tmp_path_factory.mktemp("synthetic")
+    subprocess.run(
+        [sys.executable, "-m", "data_prep", "synthetic", "--config", "configs/data_prep/synthetic.yaml",
+         f"out.dir={out}", "out.image_size=32", "out.samples_per_shard=8", "splits.train=16", "splits.val=0",
+         "splits.test=0"],
+        cwd=REPO, env=ENV, check=True, capture_output=True, timeout=120,
+    )  # fmt: skip
+    return out / "train", make_style_dir(tmp_path_factory.mktemp("styles"))
+
+
+def _train(shards: Path, styles: Path, run_dir: Path, steps: int = 3, env: dict[str, str] | None = None):
+    args = [
+        sys.executable, "-m", "pretrain", "--config", "configs/pretrain/style_tiny.yaml", f"run.dir={run_dir}",
+        f"data.shards={shards}/{{00000..00001}}.tar", f"model.style_dir={styles}", f"train.max_steps={steps}",
+        "train.checkpoint_every=2", "model.image_log_every=1", "train.keep_checkpoints=2",
+    ]  # fmt: skip
+    return subprocess.run(args, cwd=REPO, env={**ENV, **(env or {})}, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def full_run(data, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("style_run") / "full"
+    proc = _train(*data, run_dir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run_dir
+
+
+def test_engine_run_writes_a_checkpoint_the_stage_loads(full_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from data_prep.style.network import StylePredictor, StyleTransformer, load_style_checkpoint
+    from data_prep.style.sampling import EmbeddingSampler
+
+    summary = json.loads((full_run / "summary.json").read_text())
+    assert summary["steps"] == 3 and summary["style_stats_images"] == 6  # the broken file is not counted
+    ck = load_style_checkpoint(summary["style_checkpoint"])
+    assert ck["mean"].shape == (100,) and ck["cov"].shape == (100, 100)
+    assert torch.allclose(ck["cov"], ck["cov"].T)
+    StyleTransformer().load_state_dict(ck["transformer"])  # strict: every key present, none extra
+    StylePredictor().load_state_dict(ck["predictor"])
+    EmbeddingSampler(ck["mean"], ck["cov"])  # a valid (PSD) Gaussian for the stage
+    # the stage's own loader accepts the file and stylizes with it
+    from data_prep.style.stage import ModelSection, build_randomizer
+
+    stage_cfg = SimpleNamespace(
+        model=ModelSection(checkpoint=summary["style_checkpoint"], use_predictor=True),
+        style=SimpleNamespace(seed=0, alpha=0.5),
+        runtime=SimpleNamespace(precision="auto", chunk=0),
+    )
+    randomizer, info = build_randomizer(stage_cfg, torch.device("cpu"))
+    assert info["kind"] == "checkpoint" and randomizer(torch.rand(1, 3, 48, 48)).shape == (1, 3, 48, 48)
+    rows = [json.loads(x) for x in (full_run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3] and all({"content", "style", "tv"} <= set(r) for r in rows)
+    acc = EventAccumulator(str(full_run / "tensorboard"), size_guidance={"images": 0})
+    acc.Reload()
+    assert {"images/content", "images/style", "images/stylized"} <= set(acc.Tags()["images"])
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_exactly(data, full_run, tmp_path):
+    from pretrain.engine import KILL_AFTER_STEP_ENV
+
+    run_dir = tmp_path / "killed"
+    first = _train(*data, run_dir, env={KILL_AFTER_STEP_ENV: "2"})
+    assert first.returncode != 0  # SIGKILLed right after the step-2 checkpoint
+    second = _train(*data, run_dir)
+    assert second.returncode == 0, second.stderr[-3000:]
+
+    def losses(d: Path) -> list[float]:
+        return [json.loads(x)["loss"] for x in (d / "metrics.jsonl").read_text().splitlines()]
+
+    assert losses(run_dir) == pytest.approx(losses(full_run), rel=1e-6, abs=0)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["resumed_from"].endswith("step2")
+    from data_prep.style.network import load_style_checkpoint
+
+    a = load_style_checkpoint(full_run / "style_checkpoint.safetensors")
+    b = load_style_checkpoint(run_dir / "style_checkpoint.safetensors")
+    for k, v in a["transformer"].items():
+        assert torch.allclose(v, b["transformer"][k], atol=1e-6), k
+    assert torch.allclose(a["mean"], b["mean"], atol=1e-6)

@@ -31,7 +31,8 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q -x --durations=15 tests
 
 test-slurm: $(STAMP)
-	$(BIN)/python -m pytest -q -m slurm tests
+	bash scripts/slurm_local.sh up
+	$(BIN)/python -m pytest -q -m slurm --durations=10 tests
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -1,0 +1,174 @@
+"""``python -m launch local <entry> --config <recipe> --nproc N [key=value ...]``: torchrun on this machine.
+
+Also the pieces both submitters share: what an entry is (a module name plus an optional subcommand, started by
+name so that launch, layer 0, imports nothing above it) and how the stage recipe's output folder is found
+without knowing its schema.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from launch.config import ConfigError, parse_overrides, read_yaml
+from launch.dist import free_port
+
+_MODULE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+_SUB_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
+
+# Entries that train with the shared engine: a requeued job must resume from the run's latest checkpoint.
+TRAINING_ENTRIES = ("pretrain", "finetune")
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    """An entry point started by module name: ``pretrain``, ``finetune``, ``data_prep build``, ..."""
+
+    module: str
+    subcommand: str | None = None
+
+    @property
+    def name(self) -> str:
+        return f"{self.module} {self.subcommand}" if self.subcommand else self.module
+
+    @property
+    def slug(self) -> str:
+        """A file-name-safe form (``data_prep-build``)."""
+        return self.name.replace(" ", "-").replace(".", "-")
+
+    def argv(self, config: str, overrides: Sequence[str]) -> list[str]:
+        """The entry's own command line (what follows ``python -m <module>``)."""
+        head = [self.subcommand] if self.subcommand else []
+        return [*head, "--config", str(config), *overrides]
+
+    @property
+    def trains(self) -> bool:
+        return self.module in TRAINING_ENTRIES
+
+
+def parse_entry(words: Sequence[str]) -> Entry:
+    """``["data_prep", "build"]`` -> Entry; checks the names look like a module and a subcommand."""
+    if not words or len(words) > 2:
+        raise ConfigError("entry: expected a module and an optional subcommand, e.g. 'pretrain' or 'data_prep build'")
+    module = words[0]
+    if not _MODULE_RE.match(module):
+        raise ConfigError(f"entry: {module!r} is not a module name")
+    sub = words[1] if len(words) == 2 else None
+    if sub is not None and not _SUB_RE.match(sub):
+        raise ConfigError(f"entry: {sub!r} is not a subcommand name")
+    return Entry(module, sub)
+
+
+def split_entry(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Split ``["data_prep", "build", "--config", ...]`` into entry words and the rest.
+
+    Entry words are the leading tokens that are neither options nor ``key=value`` overrides.
+    """
+    words: list[str] = []
+    i = 0
+    while i < len(argv) and len(words) < 2 and not argv[i].startswith("-") and "=" not in argv[i]:
+        words.append(argv[i])
+        i += 1
+    return words, list(argv[i:])
+
+
+def check_module(entry: Entry) -> None:
+    """Fail early (in the submitting process) when the entry's package cannot be found; imports nothing."""
+    import importlib.util
+
+    top = entry.module.split(".")[0]
+    if importlib.util.find_spec(top) is None:
+        raise ConfigError(f"entry: no module named {top!r} (run from the project root, or install the project)")
+
+
+def stage_tree(config: str | os.PathLike, overrides: Sequence[str]) -> dict[str, Any]:
+    """The stage recipe with ``key=value`` overrides applied, as a plain tree (no schema: launch is layer 0)."""
+    tree = read_yaml(config)
+    for key, value in parse_overrides(overrides):
+        node = tree
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = {}
+                node[part] = child
+            node = child
+        node[parts[-1]] = value
+    return tree
+
+
+def stage_dir(tree: dict[str, Any]) -> Path:
+    """The stage's output folder: ``run.dir`` (pretrain, finetune) or ``out.dir`` (data_prep)."""
+    for section in ("run", "out"):
+        node = tree.get(section)
+        if isinstance(node, dict) and node.get("dir"):
+            return Path(str(node["dir"]))
+    raise ConfigError("the stage recipe sets neither run.dir nor out.dir: launch needs an output folder for its logs")
+
+
+def torchrun_command(
+    entry: Entry, config: str, overrides: Sequence[str], nproc: int, master_port: int | None = None
+) -> list[str]:
+    """``python -m torch.distributed.run --nproc_per_node N --master_port P -m <module> ...``.
+
+    The port is chosen free on this host so that two local runs do not collide.
+    """
+    if nproc < 1:
+        raise ConfigError("--nproc: must be >= 1")
+    port = master_port or free_port()
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        "1",
+        "--nproc_per_node",
+        str(nproc),
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(port),
+        "-m",
+        entry.module,
+        *entry.argv(config, overrides),
+    ]
+
+
+def run_local(
+    entry: Entry,
+    config: str,
+    overrides: Sequence[str] = (),
+    nproc: int = 1,
+    dry_run: bool = False,
+    env: dict[str, str] | None = None,
+) -> int:
+    """Run the entry under torchrun on this machine; returns torchrun's exit status.
+
+    The command is written to ``<run dir>/launch/local.json`` before it starts, so a run folder always says how
+    it was started.
+    """
+    check_module(entry)
+    tree = stage_tree(config, overrides)  # a malformed recipe or override fails here, before any worker starts
+    cmd = torchrun_command(entry, config, overrides, nproc)
+    print(" ".join(cmd), flush=True)
+    if dry_run:
+        return 0
+    out = stage_dir(tree)
+    record = out / "launch" / "local.json"
+    record.parent.mkdir(parents=True, exist_ok=True)
+    record.write_text(
+        json.dumps(
+            {"entry": entry.name, "command": cmd, "cwd": os.getcwd(), "started": time.strftime("%Y-%m-%dT%H:%M:%S")},
+            indent=2,
+        )
+    )
+    # no shell: the recipe path and overrides are data, passed as separate arguments
+    return subprocess.call(cmd, env={**os.environ, **(env or {})})

@@ -152,7 +152,11 @@ def download_options(cfg: BuildConfig) -> DownloadOptions:
 
 def run_build(cfg: BuildConfig) -> BuildSummary:
     """Build the shards described by ``cfg``; returns the :class:`~data_prep.shards.BuildSummary`."""
+    from launch.dist import detect_env
+
     from .shards import write_shards  # lazy: keeps --help and config errors fast
+
+    env = detect_env()  # a slurm array / multi-task job: each task builds its own shards
 
     out = cfg.out
     return write_shards(
@@ -168,6 +172,8 @@ def run_build(cfg: BuildConfig) -> BuildSummary:
         download_opts=download_options(cfg),
         progress=cfg.progress,
         max_pixels=out.max_pixels,
+        rank=env.rank,
+        world_size=env.world_size,
     )
 
 

@@ -188,6 +188,9 @@ class BuildSummary:
     seconds: float = 0.0
     total_shards: int = 0
     total_samples: int = 0
+    total_expected: int = 0  # shards the input maps to (all tasks together)
+    shards_other_ranks: int = 0  # left to the other tasks of a multi-task build
+    manifest_pending: int = 0  # shards not yet done by other tasks; their last one writes the manifest
     errors: list[str] = dataclasses.field(default_factory=list)
 
     def __str__(self) -> str:
@@ -197,9 +200,16 @@ class BuildSummary:
             f"samples: {self.samples} written, {self.failed} failed; {self.bytes / 1e6:.1f} MB in "
             f"{self.seconds:.1f} s ({rate:.1f} samples/s)",
         ]
+        if self.shards_other_ranks:
+            lines.append(f"shards left to the other tasks of this job: {self.shards_other_ranks}")
         if self.failures:
             lines.append("failed by reason: " + ", ".join(f"{k}: {v}" for k, v in sorted(self.failures.items())))
-        lines.append(f"folder now holds {self.total_samples} samples in {self.total_shards} shards")
+        if self.manifest_pending:
+            lines.append(
+                f"{self.manifest_pending} shards still being built by other tasks; the last writes the manifest"
+            )
+        else:
+            lines.append(f"folder now holds {self.total_samples} samples in {self.total_shards} shards")
         for err in self.errors:
             lines.append(f"ERROR {err}")
         if self.errors:
@@ -342,12 +352,21 @@ def write_shards(
     download_opts: DownloadOptions | None = None,
     progress: bool = True,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> BuildSummary:
     """Write ``records`` into shards under ``out_dir`` (see the module doc); skips shards already done.
 
     ``workers=0`` builds in this process; ``workers>=1`` uses that many worker processes, each building whole
     shards. A shard whose worker crashed is reported in ``summary.errors`` and left unfinished for a rerun.
+
+    With ``world_size > 1`` (slurm array or multi-task jobs, torchrun) this task builds only the shards with
+    ``shard % world_size == rank``; every task reads the whole annotation list (cheap next to the images) so shard
+    numbering is the same everywhere. The manifest is written by whichever task finds every shard done after
+    finishing its own, i.e. the last one.
     """
+    if not 0 <= rank < world_size:
+        raise ConfigError(f"rank {rank} is outside world size {world_size}")
     from tqdm import tqdm
 
     if samples_per_shard < 1:
@@ -402,6 +421,10 @@ def write_shards(
 
     try:
         for shard, items in _group(records, samples_per_shard):
+            summary.total_expected = shard + 1
+            if shard % world_size != rank:
+                summary.shards_other_ranks += 1
+                continue
             if shard in prior:
                 summary.shards_skipped += 1
                 bar.update(len(items))
@@ -426,6 +449,11 @@ def write_shards(
     bar.close()
     summary.seconds = time.time() - t0
     summary.failures = dict(sorted(reasons.items()))
+    missing = set(range(summary.total_expected)) - done_shards(out)
+    if missing and world_size > 1:
+        # other tasks still building (or this run had errors): the last task to finish writes the manifest
+        summary.manifest_pending = len(missing)
+        return summary
     manifest = write_manifest(out, source, build_config, SCHEMA_VERSION)
     summary.total_shards = manifest["num_shards"]
     summary.total_samples = manifest["num_samples"]

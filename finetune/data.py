@@ -33,6 +33,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from data_prep.transforms import pre_caption
+from pretrain.data import ignore_job_signals
 
 log = logging.getLogger("vlp.finetune.data")
 
@@ -434,6 +435,7 @@ class CaptionLoader:
             num_workers=self.num_workers,
             collate_fn=_collate_train,
             persistent_workers=False,
+            worker_init_fn=ignore_job_signals if self.num_workers > 0 else None,
         )
         for batch in loader:
             if generation != self._generation:

@@ -32,6 +32,7 @@ import json
 import logging
 import math
 import os
+import signal
 import tarfile
 import time
 from collections import Counter
@@ -530,6 +531,16 @@ class _Dataset(IterableDataset):
         yield from self.worker.train_batches(self.epoch, role, role, 0, replay_until=self.step)
 
 
+def ignore_job_signals(_worker_id: int = 0) -> None:
+    """Leave SIGTERM/SIGUSR2 to the main process.
+
+    Slurm signals every process of a job; a worker dying on SIGTERM would fail the step the main process is finishing
+    before its preemption checkpoint. Workers still exit when the main process goes away (torch watches the parent).
+    """
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+
+
 class ShardLoader:
     """Iterable over Batch-contract dicts from webdataset shards; see the module docstring.
 
@@ -703,6 +714,7 @@ class ShardLoader:
             # after the RNG restore, an uninterrupted one long before, and models with dropout/MLM masking would
             # then see different random streams (every randomness here comes from explicit seeded generators)
             generator=torch.Generator(),
+            worker_init_fn=ignore_job_signals if nw > 0 else None,
         )
         return self._consume(loader, generation)
 

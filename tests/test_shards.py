@@ -260,3 +260,21 @@ def test_sigkill_mid_build_then_rerun_equals_clean_build(tmp_path):
         timeout=120,
     )
     assert _tree(out) == _tree(clean) and len(_tree(clean)) == 24
+
+
+def test_multi_task_build_splits_shards_and_last_task_writes_manifest(tmp_path):
+    """An array job: task r of W builds shards r, r+W, ...; together they equal a one-task build."""
+    clean, split = tmp_path / "clean", tmp_path / "split"
+    _write(_records(23), clean)
+    first = _write(_records(23), split, rank=1, world_size=2)
+    assert sorted(done_shards(split)) == [1, 3]
+    assert first.shards_other_ranks == 3 and first.manifest_pending == 3
+    assert not (split / "manifest.json").exists()
+    second = _write(_records(23), split, rank=0, world_size=2)
+    assert sorted(done_shards(split)) == [0, 1, 2, 3, 4]
+    assert second.manifest_pending == 0 and (split / "manifest.json").exists()
+    assert _tree(split) == _tree(clean)
+    manifest = json.loads((split / "manifest.json").read_text())
+    assert manifest["num_samples"] == json.loads((clean / "manifest.json").read_text())["num_samples"]
+    with pytest.raises(ConfigError, match="outside world size"):
+        _write(_records(3), tmp_path / "bad", rank=2, world_size=2)

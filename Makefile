@@ -9,6 +9,8 @@ export HF_HUB_OFFLINE=1
 export TRANSFORMERS_OFFLINE=1
 export DS_ACCELERATOR ?= cpu
 export OMP_NUM_THREADS ?= 2
+# DeepSpeed JIT-builds a CPU op once; keep it per checkout so two clones never wait on each other's build lock
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.venv/torch_extensions
 
 .PHONY: venv demo test test-slurm lint bench clean
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +13,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from helpers import REPO, build_synthetic, read_metrics, subprocess_env
 from PIL import Image
 from torch import nn
 
@@ -28,15 +28,6 @@ from finetune.tasks.classification import (
 )
 from launch.config import ConfigError
 
-REPO = Path(__file__).resolve().parents[1]
-ENV = {
-    **os.environ,
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "DS_ACCELERATOR": "cpu",
-    "OMP_NUM_THREADS": "1",
-    "PYTHONPATH": str(REPO),
-}
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 
 
@@ -137,14 +128,10 @@ def test_corrupt_images_are_reported_and_skipped(office, caplog):
 
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("synthetic")
-    subprocess.run(
-        [sys.executable, "-m", "data_prep", "synthetic", "--config", "configs/data_prep/synthetic.yaml",
-         f"out.dir={out}", "out.image_size=32", "out.samples_per_shard=16", "splits.train=48", "splits.val=12",
-         "splits.test=24"],
-        cwd=REPO, env=ENV, check=True, capture_output=True, timeout=120,
-    )  # fmt: skip
-    return out
+    """Labelled scenes in every split (48 train, 12 val, 24 test) of 32 px, in shards of 16."""
+    return build_synthetic(
+        tmp_path_factory.mktemp("synthetic"), image_size=32, samples_per_shard=16, train=48, val=12, test=24
+    )
 
 
 def test_synthetic_domain_split(synthetic):
@@ -241,7 +228,7 @@ def test_policy_sweep_end_to_end(synthetic, style_checkpoint, tmp_path):
          "model.vision.name=test_resnet", "data.image_size=32", "model.image_size=32", "data.batch_size=8",
          "data.num_workers=0", "train.max_steps=3", "train.warmup_steps=1", "train.log_every=1",
          "eval.every=3"],
-        cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300,
+        cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((run_dir / "results.json").read_text())
@@ -255,5 +242,5 @@ def test_policy_sweep_end_to_end(synthetic, style_checkpoint, tmp_path):
     table = (run_dir / "results.md").read_text()
     assert all(f"| {p} |" in table for p in policies)
     # same seed, same data order: the augmentation is the only difference, so the first losses differ
-    first = {p: json.loads((run_dir / p / "metrics.jsonl").read_text().splitlines()[0])["loss"] for p in policies}
+    first = {p: read_metrics(run_dir / p)[0]["loss"] for p in policies}
     assert first["none"] != first["style"] and first["none"] != first["traditional"]

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 import textwrap
@@ -13,24 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import REPO, read_metrics, run_torchrun, subprocess_env
 from torch import nn
 
 from launch.config import ConfigError
 from pretrain.engine import COMPLETE, KILL_AFTER_STEP_ENV, cosine_with_warmup, find_resume, param_groups
 from pretrain.monitor import truncate_jsonl
-
-REPO = Path(__file__).resolve().parents[1]
-ENV = {
-    **os.environ,
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "DS_ACCELERATOR": "cpu",
-    "OMP_NUM_THREADS": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-    "PYTHONPATH": str(REPO),
-}
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-
 
 # ------------------------------------------------------------------------------------------------- unit tests
 
@@ -111,7 +98,7 @@ def test_entry_point_accepts_the_deepspeed_launchers_local_rank():
 def test_config_error_exits_2_before_any_worker(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "pretrain", "--config", "configs/pretrain/clip_tiny.yaml", "train.max_stepz=3"],
-        cwd=REPO, env=ENV, capture_output=True, text=True, timeout=120,
+        cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 2
     assert "train.max_stepz" in proc.stderr and "max_steps" in proc.stderr  # names the key, suggests the fix
@@ -120,50 +107,31 @@ def test_config_error_exits_2_before_any_worker(tmp_path):
 # ------------------------------------------------------------------------------------------ multi-process runs
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("synthetic")
-    subprocess.run(
-        [sys.executable, "-m", "data_prep", "synthetic", "--config", "configs/data_prep/synthetic.yaml",
-         f"out.dir={out}", "out.image_size=32", "out.samples_per_shard=16", "splits.train=64", "splits.val=0",
-         "splits.test=0"],
-        cwd=REPO, env=ENV, check=True, capture_output=True, timeout=120,
-    )  # fmt: skip
-    return out / "train"
-
-
 def _clip_args(shards: Path, run_dir: Path) -> list[str]:
     return [
         "-m", "pretrain", "--config", "configs/pretrain/clip_tiny.yaml",
         f"run.dir={run_dir}", f"data.shards={shards}/{{00000..00003}}.tar", "data.batch_size=4", "data.num_workers=1",
-        "data.image_size=32", "model.image_size=32", "model.vision.kwargs.depth=1",
+        "data.image_size=32", "model.image_size=32", "model.vision.kwargs.channels=[8,16,32,64]",
         "model.text.config.num_hidden_layers=1", "model.embed_dim=32",
         "train.max_steps=12", "train.checkpoint_every=4", "train.log_every=1", "train.warmup_steps=3",
         "mixgen.image_log_every=6", "train.keep_checkpoints=2",
     ]  # fmt: skip
 
 
-def _run(args: list[str], extra_env: dict[str, str] | None = None, timeout: int = 180) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        TORCHRUN + args, cwd=REPO, env={**ENV, **(extra_env or {})}, capture_output=True, text=True, timeout=timeout
-    )
-
-
 def _losses(run_dir: Path) -> dict[int, float]:
-    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in rows}
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir)}
 
 
 @pytest.fixture(scope="module")
-def resume_runs(shards, tmp_path_factory):
+def resume_runs(pretrain_shards, tmp_path_factory):
     base = tmp_path_factory.mktemp("engine")
     full, killed = base / "full", base / "killed"
-    a = _run(_clip_args(shards, full))
+    a = run_torchrun(_clip_args(pretrain_shards, full), timeout=180)
     assert a.returncode == 0, a.stderr[-3000:]
-    b = _run(_clip_args(shards, killed), {KILL_AFTER_STEP_ENV: "7"})
+    b = run_torchrun(_clip_args(pretrain_shards, killed), timeout=180, **{KILL_AFTER_STEP_ENV: "7"})
     assert b.returncode != 0, "the run should have been killed at step 7"
     after_kill = _losses(killed)
-    c = _run(_clip_args(shards, killed))
+    c = run_torchrun(_clip_args(pretrain_shards, killed), timeout=180)
     assert c.returncode == 0, c.stderr[-3000:]
     return full, killed, after_kill
 
@@ -318,7 +286,7 @@ def _probe(tmp_path: Path, nan_calls: list[int], *extra: str) -> tuple[subproces
         "train.log_every=1", "train.max_nonfinite=3", "train.export=false", "train.lr=0.01", "train.warmup_steps=1",
         *extra,
     ]  # fmt: skip
-    return _run(args, timeout=120), run_dir
+    return run_torchrun(args, timeout=300), run_dir
 
 
 @pytest.mark.slow

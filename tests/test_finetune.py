@@ -5,40 +5,26 @@ and ``--eval-only`` (which must reproduce the fine-tune's test numbers from its 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import pytest
+from helpers import REPO, build_synthetic, subprocess_env
 
 from finetune.__main__ import main as finetune_main
 from launch.dist import free_port
 
-REPO = Path(__file__).resolve().parents[1]
-ENV = {
-    **os.environ,
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "DS_ACCELERATOR": "cpu",
-    "OMP_NUM_THREADS": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-    "PYTHONPATH": str(REPO),
-}
 RECIPE = "configs/finetune/retrieval_synthetic.yaml"
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("synthetic")
-    subprocess.run(
-        [sys.executable, "-m", "data_prep", "synthetic", "--config", "configs/data_prep/synthetic.yaml",
-         f"out.dir={out}", "out.image_size=32", "out.samples_per_shard=24", "splits.train=48", "splits.val=12",
-         "splits.test=12"],
-        cwd=REPO, env=ENV, check=True, capture_output=True, timeout=120,
-    )  # fmt: skip
-    return out
+    """Retrieval annotations for every split: 48 train, 12 val, 12 test images of 32 px."""
+    return build_synthetic(
+        tmp_path_factory.mktemp("synthetic"), image_size=32, samples_per_shard=24, train=48, val=12, test=12
+    )
 
 
 def _task_args(data: Path) -> list[str]:
@@ -78,7 +64,8 @@ DRIVER = textwrap.dedent(
     data, out = Path(sys.argv[1]), Path(sys.argv[2])
     fusion = ["model.vision.kwargs.depth=1", "model.text.config.num_hidden_layers=2", "model.fusion_layer=1",
               "model.embed_dim=32", "model.queue_size=32"]
-    tiny = {"clip": ["model.vision.kwargs.depth=1", "model.text.config.num_hidden_layers=1", "model.embed_dim=32"],
+    tiny = {"clip": ["model.vision.kwargs.channels=[8,16,32,64]", "model.text.config.num_hidden_layers=1",
+                     "model.embed_dim=32"],
             "albef": fusion, "tcl": fusion, "vilt": ["model.depth=1", "model.wpa=false"]}
     for name in sys.argv[4].split(","):
         recipe = yaml.safe_load(open(f"configs/pretrain/{name}_tiny.yaml"))
@@ -113,7 +100,7 @@ def test_pretrain_finetune_and_eval_only_all_models(data, tmp_path):
     models = ["clip", "albef", "tcl", "vilt"]
     proc = subprocess.run(
         [sys.executable, str(driver), str(data), str(tmp_path), str(free_port()), ",".join(models)],
-        cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600,
+        cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     for name in models:

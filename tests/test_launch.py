@@ -16,6 +16,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from helpers import OFFLINE_ENV, REPO, read_metrics
 
 from launch.config import ConfigError
 from launch.local import Entry, parse_entry, split_entry, stage_dir, stage_tree, torchrun_command
@@ -29,14 +30,7 @@ from launch.slurm import (
     time_limit_minutes,
 )
 
-REPO = Path(__file__).resolve().parents[1]
-ENV = {
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "DS_ACCELERATOR": "cpu",
-    "OMP_NUM_THREADS": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-}
+ENV = OFFLINE_ENV  # under this name test_slurm imports it
 
 # A tiny entry (`python -m probe_entry --config X [k=v]`) with the engine's preemption protocol: every step
 # all-reduces (rank + step) over gloo, agrees on the preemption flag, checkpoints to json, resumes with
@@ -363,22 +357,16 @@ def pretrain_recipe(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("launch_synthetic")
-    subprocess.run(
-        [sys.executable, "-m", "data_prep", "synthetic", "--config", "configs/data_prep/synthetic.yaml",
-         f"out.dir={out}", "out.image_size=32", "out.samples_per_shard=16", "splits.train=64", "splits.val=0",
-         "splits.test=0"],
-        cwd=REPO, env={**os.environ, **ENV}, check=True, capture_output=True, timeout=120,
-    )  # fmt: skip
-    return out / "train"
+def shards(pretrain_shards) -> Path:
+    """The session's tiny pretraining shards, under the name test_slurm imports."""
+    return pretrain_shards
 
 
 def pretrain_overrides(shards: Path, run_dir: Path) -> list[str]:
     """The engine tests' tiny CLIP: 32 px, one layer per tower, 6 steps."""
     return [
         f"run.dir={run_dir}", f"data.shards={shards}/{{00000..00003}}.tar", "data.batch_size=4",
-        "data.num_workers=1", "data.image_size=32", "model.image_size=32", "model.vision.kwargs.depth=1",
+        "data.num_workers=1", "data.image_size=32", "model.image_size=32", "model.vision.kwargs.channels=[8,16,32,64]",
         "model.text.config.num_hidden_layers=1", "model.embed_dim=32", f"train.max_steps={MAX_STEPS}",
         "train.checkpoint_every=100", "train.log_every=1", "train.warmup_steps=2", "mixgen.image_log_every=0",
         "train.export=false",
@@ -386,8 +374,7 @@ def pretrain_overrides(shards: Path, run_dir: Path) -> list[str]:
 
 
 def losses_by_step(run_dir: Path) -> list[tuple[int, float]]:
-    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    return [(r["step"], r["loss"]) for r in rows]
+    return [(r["step"], r["loss"]) for r in read_metrics(run_dir)]
 
 
 def logged_step(run_dir: Path, at_least: int) -> bool:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +13,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from helpers import REPO, build_synthetic, read_metrics, subprocess_env
 from PIL import Image
 
 from launch.config import ConfigError
@@ -24,16 +24,6 @@ from pretrain.models.style_transfer import (
     style_loss,
     total_variation,
 )
-
-REPO = Path(__file__).resolve().parents[1]
-ENV = {
-    **os.environ,
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "DS_ACCELERATOR": "cpu",
-    "OMP_NUM_THREADS": "1",
-    "PYTHONPATH": str(REPO),
-}
 
 
 def make_style_dir(root: Path, n: int = 6) -> Path:
@@ -169,13 +159,7 @@ def test_missing_style_dir_is_a_config_error(tmp_path):
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> tuple[Path, Path]:
-    out = tmp_path_factory.mktemp("synthetic")
-    subprocess.run(
-        [sys.executable, "-m", "data_prep", "synthetic", "--config", "configs/data_prep/synthetic.yaml",
-         f"out.dir={out}", "out.image_size=32", "out.samples_per_shard=8", "splits.train=16", "splits.val=0",
-         "splits.test=0"],
-        cwd=REPO, env=ENV, check=True, capture_output=True, timeout=120,
-    )  # fmt: skip
+    out = build_synthetic(tmp_path_factory.mktemp("synthetic"), image_size=32, samples_per_shard=8, train=16)
     return out / "train", make_style_dir(tmp_path_factory.mktemp("styles"))
 
 
@@ -185,7 +169,9 @@ def _train(shards: Path, styles: Path, run_dir: Path, steps: int = 3, env: dict[
         f"data.shards={shards}/{{00000..00001}}.tar", f"model.style_dir={styles}", f"train.max_steps={steps}",
         "train.checkpoint_every=2", "model.image_log_every=1", "train.keep_checkpoints=2",
     ]  # fmt: skip
-    return subprocess.run(args, cwd=REPO, env={**ENV, **(env or {})}, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        args, cwd=REPO, env=subprocess_env(**(env or {})), capture_output=True, text=True, timeout=300
+    )
 
 
 @pytest.fixture(scope="module")
@@ -220,7 +206,7 @@ def test_engine_run_writes_a_checkpoint_the_stage_loads(full_run):
     )
     randomizer, info = build_randomizer(stage_cfg, torch.device("cpu"))
     assert info["kind"] == "checkpoint" and randomizer(torch.rand(1, 3, 48, 48)).shape == (1, 3, 48, 48)
-    rows = [json.loads(x) for x in (full_run / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(full_run)
     assert [r["step"] for r in rows] == [1, 2, 3] and all({"content", "style", "tv"} <= set(r) for r in rows)
     acc = EventAccumulator(str(full_run / "tensorboard"), size_guidance={"images": 0})
     acc.Reload()
@@ -237,10 +223,8 @@ def test_killed_run_resumes_exactly(data, full_run, tmp_path):
     second = _train(*data, run_dir)
     assert second.returncode == 0, second.stderr[-3000:]
 
-    def losses(d: Path) -> list[float]:
-        return [json.loads(x)["loss"] for x in (d / "metrics.jsonl").read_text().splitlines()]
-
-    assert losses(run_dir) == pytest.approx(losses(full_run), rel=1e-6, abs=0)
+    losses = [r["loss"] for r in read_metrics(run_dir)]
+    assert losses == pytest.approx([r["loss"] for r in read_metrics(full_run)], rel=1e-6, abs=0)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["resumed_from"].endswith("step2")
     from data_prep.style.network import load_style_checkpoint

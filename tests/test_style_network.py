@@ -39,7 +39,7 @@ from data_prep.style.strad import (
     load_transformer_state,
 )
 
-REAL_EMBEDDINGS = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "strad" / "checkpoint_embeddings.pth"
+REAL_EMBEDDINGS = Path(__file__).resolve().parents[1] / "assets" / "strad" / "checkpoint_embeddings.pth"
 
 
 @pytest.fixture(scope="module")
@@ -245,7 +245,6 @@ def test_unsafe_pickle_needs_explicit_flag(tmp_path: Path) -> None:
     assert load_legacy(unsafe, allow_unsafe_pickle=True)["extra"] == fractions.Fraction(1, 3)
 
 
-@pytest.mark.skipif(not REAL_EMBEDDINGS.is_file(), reason="shared/data/strad/checkpoint_embeddings.pth not present")
 def test_real_embedding_statistics() -> None:
     st = load_embedding_stats(REAL_EMBEDDINGS)
     assert st.mean.shape == (100,) and st.cov.shape == (100, 100) and st.base.shape == (100,)

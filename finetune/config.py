@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Literal
 
-from launch.config import ConfigError, build_dataclass
+from launch.config import ConfigError, resolve_named_options
 from pretrain.config import MixGenConfig, PretrainConfig
 
 
@@ -75,18 +75,4 @@ def resolve_task_options(task: Any) -> Any:
     """Turn the ``task`` mapping into the registered task's options dataclass (validating every key)."""
     from finetune import tasks
 
-    if dataclasses.is_dataclass(task):
-        return task
-    task = dict(task)
-    name = task.get("name")
-    if not isinstance(name, str):
-        raise ConfigError("task.name: required (one of " + ", ".join(tasks.names()) + ")")
-    try:
-        options_cls, _ = tasks.get(name)
-    except KeyError as exc:
-        raise ConfigError(f"task.name: {exc.args[0]}") from None
-    opts = build_dataclass(options_cls, task, prefix="task")
-    validate = getattr(opts, "validate", None)
-    if callable(validate):
-        validate()
-    return opts
+    return resolve_named_options("task", task, tasks.get, tasks.names())

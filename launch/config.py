@@ -173,7 +173,8 @@ def _parse_scalar(text: str) -> Any:
         return text
 
 
-def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+def set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set ``a.b.c`` in a nested dict, creating the intermediate mappings."""
     parts = dotted.split(".")
     node = tree
     for part in parts[:-1]:
@@ -242,7 +243,7 @@ def load_config(
     """Load ``path`` (optional), apply ``key=value`` overrides, validate against ``schema``."""
     tree: dict[str, Any] = read_yaml(path) if path else {}
     for key, value in parse_overrides(overrides):
-        _set_dotted(tree, key, value)
+        set_dotted(tree, key, value)
     cfg = build_dataclass(schema, tree)
     post = getattr(cfg, "validate", None)
     if callable(post):
@@ -250,6 +251,29 @@ def load_config(
     if check_paths:
         _check_paths(cfg)
     return cfg
+
+
+def resolve_named_options(
+    section: str, mapping: Any, lookup: typing.Callable[[str], tuple[type, Any]], names: typing.Sequence[str]
+) -> Any:
+    """Build the options dataclass that ``mapping["name"]`` selects through ``lookup`` (a registry), then run its
+    own ``validate()``; a missing or unknown name, an unknown key or a wrong type is a ConfigError under ``section``.
+    """
+    if dataclasses.is_dataclass(mapping):
+        return mapping
+    mapping = dict(mapping)
+    name = mapping.get("name")
+    if not isinstance(name, str):
+        raise ConfigError(f"{section}.name: required (one of {', '.join(names)})")
+    try:
+        options_cls, _ = lookup(name)
+    except KeyError as exc:
+        raise ConfigError(f"{section}.name: {exc.args[0]}") from None
+    opts = build_dataclass(options_cls, mapping, prefix=section)
+    validate = getattr(opts, "validate", None)
+    if callable(validate):
+        validate()  # the options' own checks (e.g. style_transfer's style_dir) fail here, before any work starts
+    return opts
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from launch.config import ConfigError, parse_overrides, read_yaml
+from launch.config import ConfigError, parse_overrides, read_yaml, set_dotted
 from launch.dist import free_port
 
 _MODULE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
@@ -93,15 +93,7 @@ def stage_tree(config: str | os.PathLike, overrides: Sequence[str]) -> dict[str,
     """The stage recipe with ``key=value`` overrides applied, as a plain tree (no schema: launch is layer 0)."""
     tree = read_yaml(config)
     for key, value in parse_overrides(overrides):
-        node = tree
-        parts = key.split(".")
-        for part in parts[:-1]:
-            child = node.get(part)
-            if not isinstance(child, dict):
-                child = {}
-                node[part] = child
-            node = child
-        node[parts[-1]] = value
+        set_dotted(tree, key, value)
     return tree
 
 

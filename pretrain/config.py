@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Literal
 
-from launch.config import ConfigError, RunConfig, build_dataclass, shards_field
+from launch.config import ConfigError, RunConfig, resolve_named_options, shards_field
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -99,18 +99,4 @@ def resolve_model_options(model: Any) -> Any:
     """Turn the ``model`` mapping into the registered model's options dataclass (validating every key)."""
     from pretrain import models
 
-    if dataclasses.is_dataclass(model):
-        return model
-    model = dict(model)
-    name = model.get("name")
-    if not isinstance(name, str):
-        raise ConfigError("model.name: required (one of " + ", ".join(models.names()) + ")")
-    try:
-        options_cls, _ = models.get(name)
-    except KeyError as exc:
-        raise ConfigError(f"model.name: {exc.args[0]}") from None
-    opts = build_dataclass(options_cls, model, prefix="model")
-    validate = getattr(opts, "validate", None)
-    if callable(validate):
-        validate()  # a model's own checks (e.g. style_transfer's style_dir) fail here, before any worker starts
-    return opts
+    return resolve_named_options("model", model, models.get, models.names())

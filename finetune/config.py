@@ -7,7 +7,10 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Any, Literal
+
+import yaml
 
 from launch.config import ConfigError, resolve_named_options
 from pretrain.config import MixGenConfig, PretrainConfig
@@ -58,6 +61,7 @@ class FinetuneConfig(PretrainConfig):
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
 
     def validate(self) -> None:
+        self.model = inherit_model_section(self.model)
         super().validate()
         self.eval.validate()
         if int(self.deepspeed.zero_stage) == 3:
@@ -69,6 +73,36 @@ class FinetuneConfig(PretrainConfig):
         check = getattr(self.task, "check", None)
         if callable(check):
             check(self)
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def inherit_model_section(model: Any) -> Any:
+    """Fill the model keys a fine-tune recipe leaves out from the pretrain run it starts from (``model.init``).
+
+    The pretrain engine saves its resolved recipe as ``run.dir/config.yaml``; taking the architecture from there
+    means the fine-tuned network is the one that was trained. A mismatch would load without error and quietly cost
+    accuracy (text pooling ``cls`` vs ``mean`` cost 180 RSUM points in the synthetic demo). Keys the recipe sets
+    win; a run of another model name, or an init that is not a run folder (a safetensors export), is left alone.
+    """
+    if not isinstance(model, dict):
+        return model
+    init = model.get("init")
+    saved = Path(str(init)) / "config.yaml" if isinstance(init, str) and init not in ("", "none") else None
+    if saved is None or not saved.is_file():
+        return model
+    try:
+        base = (yaml.safe_load(saved.read_text()) or {}).get("model")
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"model.init: {saved} is not valid YAML: {exc}") from exc
+    if not isinstance(base, dict) or base.get("name") != model.get("name", base.get("name")):
+        return model
+    return _merge(base, model)
 
 
 def resolve_task_options(task: Any) -> Any:

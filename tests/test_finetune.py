@@ -11,6 +11,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import yaml
 from helpers import REPO, build_synthetic, subprocess_env
 
 from finetune.__main__ import main as finetune_main
@@ -119,3 +120,38 @@ def test_pretrain_finetune_and_eval_only_all_models(data, tmp_path):
         ft = json.loads((tmp_path / f"ft_{name}" / "results.json").read_text())
         assert zs["mode"] == "eval-only" and list(zs["splits"]) == ["test"]
         assert zs["splits"]["test"] == ft["splits"]["test"]  # same weights, same numbers: deterministic eval
+
+
+def test_model_keys_left_out_are_inherited_from_the_pretrain_run(tmp_path):
+    """A recipe that names only the init run gets that run's architecture; keys the recipe sets still win."""
+    from finetune.config import FinetuneConfig
+    from launch.config import load_config
+
+    run = tmp_path / "pretrain_run"
+    run.mkdir()
+    saved = {
+        "model": {
+            "name": "clip",
+            "init": "none",
+            "embed_dim": 48,
+            "text_pool": "mean",
+            "vision": {"name": "resnet10t", "pretrained": False, "kwargs": {"channels": [8, 16, 32, 64]}},
+        }
+    }
+    (run / "config.yaml").write_text(yaml.safe_dump(saved))
+    cfg = load_config(
+        FinetuneConfig,
+        None,
+        ["model.name=clip", f"model.init={run}", "model.embed_dim=32", "task.name=retrieval", "task.test_json=t.json"],
+        check_paths=False,
+    )
+    assert cfg.model.text_pool == "mean" and cfg.model.vision.name == "resnet10t"
+    assert cfg.model.vision.kwargs == {"channels": [8, 16, 32, 64]}
+    assert cfg.model.embed_dim == 32 and cfg.model.init == str(run)
+    other = load_config(
+        FinetuneConfig,
+        None,
+        ["model.name=albef", f"model.init={run}", "task.name=retrieval", "task.test_json=t.json"],
+        check_paths=False,
+    )
+    assert other.model.name == "albef" and other.model.embed_dim != 48  # another model's run is not mixed in

@@ -30,7 +30,12 @@ ROOT = Path(__file__).resolve().parents[1]
 def _env() -> dict[str, str]:
     env = dict(os.environ)
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    env.pop("DS_ACCELERATOR", None)  # let DeepSpeed pick CUDA
+    import torch
+
+    if torch.cuda.is_available():
+        env.pop("DS_ACCELERATOR", None)  # let DeepSpeed pick CUDA
+    else:
+        env["DS_ACCELERATOR"] = "cpu"  # --force smoke run: DeepSpeed's auto-detection would not pick the CPU
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     return env
 

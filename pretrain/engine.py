@@ -207,6 +207,20 @@ class _Window:
         self.steps += 1
 
 
+def match_norm_buffers(module: nn.Module) -> None:
+    """Give batch-norm running statistics the dtype of their layer's weight.
+
+    DeepSpeed's bf16 mode casts parameters, not buffers, so a CNN tower would meet bf16 weights beside fp32 running
+    statistics and fail in ``batch_norm``. Layers whose weights stay fp32 (momentum encoders) keep fp32 statistics.
+    """
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.weight is not None:
+            for name in ("running_mean", "running_var"):
+                buf = getattr(m, name, None)
+                if buf is not None and buf.dtype != m.weight.dtype:
+                    setattr(m, name, buf.to(m.weight.dtype))
+
+
 @dataclasses.dataclass
 class _State:
     step: int = 0  # optimizer updates done
@@ -275,6 +289,8 @@ class Trainer:
             config=self.ds_config,
             dist_init_required=False,
         )
+        if self.cfg.deepspeed.bf16:
+            match_norm_buffers(engine.module)
         return engine
 
     @property

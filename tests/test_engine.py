@@ -335,3 +335,16 @@ def test_reference_deepspeed_configs_are_what_the_engine_builds():
         cfg = load_config(PretrainConfig, REPO / "configs/pretrain/clip.yaml", [f"deepspeed.zero_stage={stage}"])
         on_disk = json.loads((REPO / f"configs/deepspeed/zero{stage}.json").read_text())
         assert on_disk == deepspeed_config(cfg, world_size=1)
+
+
+@pytest.mark.slow
+def test_bf16_zero2_trains_a_cnn_tower(pretrain_shards, tmp_path):
+    """bf16 casts parameters, not buffers: the CNN tower's batch-norm statistics must follow (found by gpu_check)."""
+    run_dir = tmp_path / "bf16"
+    args = _clip_args(pretrain_shards, run_dir) + [
+        "train.max_steps=3", "train.checkpoint_every=3", "deepspeed.bf16=true", "deepspeed.zero_stage=2",
+    ]  # fmt: skip
+    proc = run_torchrun(args, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    losses = _losses(run_dir)
+    assert sorted(losses) == [1, 2, 3] and all(math.isfinite(v) for v in losses.values())

@@ -293,7 +293,7 @@ class _ShardReader:
 
 
 class _Skip(Exception):
-    pass
+    """A sample that cannot be used (reason in args); the reader counts it and moves on."""
 
 
 class _Worker:

@@ -14,12 +14,13 @@ adding a task means adding one file (and a recipe under ``configs/finetune/``). 
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import importlib
-from typing import Any
 
-_REGISTRY: dict[str, tuple[type, type]] = {}
-KNOWN = ("retrieval", "classification")
+from launch.registry import Registry
+
+_TASKS = Registry("task", "finetune.tasks", known=("retrieval", "classification"))
+register = _TASKS.register  # class decorator: @register("name", Options)
+get = _TASKS.get  # name -> (options dataclass, task class)
+names = _TASKS.names
 
 
 @dataclasses.dataclass
@@ -27,34 +28,3 @@ class TaskOptions:
     """Keys every task understands; each task subclasses this with its own options."""
 
     name: str = "retrieval"
-
-
-def register(name: str, options: type) -> Any:
-    """Class decorator: register a task class under ``name`` with its options dataclass."""
-    if not dataclasses.is_dataclass(options):
-        raise TypeError(f"options for task {name!r} must be a dataclass")
-
-    def wrap(cls: type) -> type:
-        _REGISTRY[name] = (options, cls)
-        return cls
-
-    return wrap
-
-
-def get(name: str) -> tuple[type, type]:
-    """The (options dataclass, task class) registered under ``name``."""
-    if name not in _REGISTRY:
-        try:
-            importlib.import_module(f"finetune.tasks.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"finetune.tasks.{name}":
-                raise
-    if name not in _REGISTRY:
-        close = difflib.get_close_matches(name, list(KNOWN), n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
-        raise KeyError(f"unknown task '{name}'{hint}; known: {', '.join(names())}")
-    return _REGISTRY[name]
-
-
-def names() -> list[str]:
-    return sorted(set(KNOWN) | set(_REGISTRY))

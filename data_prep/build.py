@@ -10,11 +10,10 @@ import argparse
 import dataclasses
 import importlib
 import os
-import sys
 from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from launch.config import ConfigError, exists_field, load_config, shards_field, to_dict
+from launch.config import ConfigError, exists_field, exits_on_config_error, load_config, shards_field, to_dict
 
 from .download import DownloadOptions
 from .images import DEFAULT_MAX_PIXELS, RESIZE_MODES
@@ -52,7 +51,7 @@ class SourceConfig:
     seed: int = 0  # synthetic
     split: str | None = None  # coco Karpathy split filter ("train" includes restval); synthetic split name
 
-    def validate(self) -> None:
+    def validate(self, recipe: Any) -> None:
         for key in REQUIRED[self.format]:
             if getattr(self, key) in (None, ""):
                 raise ConfigError(f"source.{key}: required for source.format={self.format}")
@@ -75,7 +74,7 @@ class OutConfig:
     jpeg_quality: int = 95
     max_pixels: int = DEFAULT_MAX_PIXELS  # decompression-bomb guard: larger images are refused
 
-    def validate(self) -> None:
+    def validate(self, recipe: Any) -> None:
         if self.image_size < 8:
             raise ConfigError("out.image_size: must be >= 8")
         if self.resize_mode not in RESIZE_MODES:
@@ -98,7 +97,7 @@ class DownloadConfig:
     max_bytes: int = 20_000_000  # size cap per file
     keep: bool = False  # save fetched originals into source.images (as sha1(url)) for later rebuilds
 
-    def validate(self) -> None:
+    def validate(self, recipe: Any) -> None:
         if self.timeout <= 0 or self.threads < 1 or self.per_host < 1 or self.max_bytes < 1 or self.retries < 0:
             raise ConfigError("download: timeout, threads, per_host, max_bytes must be > 0 and retries >= 0")
 
@@ -113,10 +112,7 @@ class BuildConfig:
     workers: int = 2  # worker processes, each building whole shards; 0 = in this process
     progress: bool = True
 
-    def validate(self) -> None:
-        self.source.validate()
-        self.out.validate()
-        self.download.validate()
+    def validate(self, recipe: Any) -> None:
         if self.workers < 0:
             raise ConfigError("workers: must be >= 0")
 
@@ -177,6 +173,7 @@ def run_build(cfg: BuildConfig) -> BuildSummary:
     )
 
 
+@exits_on_config_error
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m data_prep build --config recipe.yaml [key=value ...]``."""
     parser = argparse.ArgumentParser(
@@ -187,16 +184,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--config", help="YAML recipe, e.g. configs/data_prep/coco.yaml")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. out.dir=data/coco workers=8")
     args = parser.parse_args(argv)
-    try:
-        cfg = load_config(BuildConfig, args.config, args.overrides)
-    except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
-        return 2
-    try:
-        summary = run_build(cfg)
-    except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
-        return 2
+    cfg = load_config(BuildConfig, args.config, args.overrides)
+    summary = run_build(cfg)
     print(summary)
     print(f"shards in {cfg.out.dir} (manifest: {os.path.join(cfg.out.dir, 'manifest.json')})")
     return 1 if summary.errors else 0

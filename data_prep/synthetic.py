@@ -23,7 +23,7 @@ import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from launch.config import ConfigError, load_config, to_dict
+from launch.config import ConfigError, exits_on_config_error, load_config, to_dict
 from launch.logging import get_logger, setup_logging
 
 from .schema import MANIFEST_NAME, SHARD_NAME, sample_key
@@ -68,7 +68,7 @@ class SyntheticConfig:
     captions_per_image: int = 5
     progress: bool = False
 
-    def validate(self) -> None:
+    def validate(self, recipe: Any) -> None:
         if self.out.image_size < 16:
             raise ConfigError(f"out.image_size: must be >= 16, got {self.out.image_size}")
         if self.out.samples_per_shard < 1:
@@ -229,6 +229,7 @@ def run(cfg: SyntheticConfig) -> list[dict[str, Any]]:
     return out
 
 
+@exits_on_config_error
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: ``python -m data_prep synthetic --config configs/data_prep/synthetic.yaml [key=value ...]``."""
     parser = argparse.ArgumentParser(prog="python -m data_prep synthetic", description=__doc__.split("\n")[0])
@@ -240,9 +241,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = load_config(SyntheticConfig, args.config, args.overrides)
         log.info("config: %s", json.dumps(to_dict(cfg)))
         run(cfg)
-    except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
-        return 2
     except RuntimeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -1,202 +1,38 @@
 """``torchrun -m finetune --config configs/finetune/<task>.yaml [--eval-only] [key=value ...]``.
 
-Fine-tuning: load ``model.init`` (a pretrain or fine-tune ``run.dir``'s latest checkpoint, or a safetensors export),
-wrap it in the task's training module, train with the shared engine (:class:`pretrain.engine.Trainer`: DeepSpeed,
-checkpoints, exact resume, TensorBoard, non-finite guard), evaluate on val every epoch (or every ``eval.every``
-steps), keep the best weights by ``eval.metric`` in ``run.dir/best.safetensors``, and finally evaluate them on
-test. ``--eval-only`` evaluates ``model.init`` on ``eval.splits`` without training (zero-shot protocols).
-Results go to ``run.dir/results.json`` and a printed table. A configuration error is one line on stderr and exit
-status 2, before any distributed setup.
+Fine-tuning (or, with ``--eval-only``, evaluation of ``model.init`` on ``eval.splits``): see
+:mod:`finetune.run`. A configuration error is one line on stderr and exit status 2, before any distributed setup.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
-import logging
 import sys
-from pathlib import Path
-from typing import Any
 
-from launch.config import ConfigError, load_config
-from launch.logging import setup_logging
-
-log = logging.getLogger("vlp.finetune")
-
-BEST = "best.safetensors"
-BACKBONE_PREFIX = "backbone."
+from launch.config import exits_on_config_error
+from launch.logging import quiet_libraries, setup_logging
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m finetune", description="Fine-tune or evaluate a pretrained model.")
     parser.add_argument("--config", required=True, help="YAML recipe, e.g. configs/finetune/retrieval_synthetic.yaml")
-    parser.add_argument("--eval-only", action="store_true", help="evaluate model.init on eval.splits; no training")
+    parser.add_argument("--eval-only", action="store_true", help="evaluate model.init on eval.splits (eval.only=true)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=50")
     return parser.parse_intermixed_args(argv)
 
 
-def load_config_checked(path: str, overrides: list[str], eval_only: bool) -> Any:
-    """The validated recipe; raises :class:`ConfigError` for anything wrong that is knowable before work starts."""
-    from finetune.config import FinetuneConfig
-
-    cfg = load_config(FinetuneConfig, path, overrides)
-    init = cfg.model.init
-    if init not in ("", "none") and not Path(init).exists():
-        raise ConfigError(f"model.init: path does not exist: {init}")
-    if not eval_only:
-        if init in ("", "none"):
-            log.warning("model.init is none: fine-tuning starts from random (or encoder-pretrained) weights")
-        check = getattr(cfg.task, "check_training", None)
-        if callable(check):
-            check()
-    return cfg
-
-
-def load_backbone_init(model: Any, init: str | None) -> dict[str, list[str]]:
-    """Load ``init`` into ``model``; a fine-tune run's weights (``backbone.``-prefixed) load as well."""
-    import torch
-
-    from pretrain.export import load_state
-
-    if init in (None, "", "none"):
-        return {"missing": [], "unexpected": []}
-    state = load_state(init)
-    if state and all(k.startswith(BACKBONE_PREFIX) for k in state):
-        state = {k[len(BACKBONE_PREFIX) :]: v for k, v in state.items()}
-    own = model.state_dict()
-    shared = [k for k in state if k in own]
-    if not shared:
-        raise ValueError(f"model.init: no weight in {init} matches model '{type(model).__name__}'")
-    bad = [f"{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in shared if state[k].shape != own[k].shape]
-    if bad:
-        raise ValueError(f"model.init: shape mismatch for {len(bad)} weights, e.g. {bad[:3]}")
-    with torch.no_grad():
-        result = model.load_state_dict(state, strict=False)
-    return {"missing": list(result.missing_keys), "unexpected": list(result.unexpected_keys)}
-
-
-def _scalars(metrics: dict[str, Any]) -> dict[str, float]:
-    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-
-
-class BestKeeper:
-    """Tracks the best validation metric and writes those weights to ``run.dir/best.safetensors`` (rank 0).
-
-    The record ``run.dir/best.json`` survives a restart, so a resumed run only replaces a better checkpoint.
-    """
-
-    def __init__(self, run_dir: Path, metric: str, rank: int, model_meta: dict[str, Any]) -> None:
-        self.run_dir, self.metric, self.rank, self.meta = run_dir, metric, rank, model_meta
-        self.record_path = run_dir / "best.json"
-        self.record: dict[str, Any] | None = None
-        if self.record_path.is_file():
-            self.record = json.loads(self.record_path.read_text())
-
-    def offer(self, step: int, metrics: dict[str, Any], module: Any) -> bool:
-        if self.metric not in metrics:
-            raise KeyError(f"eval.metric: {self.metric!r} is not among the task's metrics {sorted(metrics)}")
-        value = float(metrics[self.metric])
-        if self.record is not None and value <= float(self.record["value"]):
-            return False
-        self.record = {"step": step, "metric": self.metric, "value": value, "metrics": _scalars(metrics)}
-        if self.rank == 0:
-            from launch.checkpoint import atomic_write_json
-            from pretrain.export import export_safetensors
-
-            export_safetensors(module.state_dict(), self.run_dir / BEST, {"model": self.meta, **self.record})
-            atomic_write_json(self.record_path, self.record)
-        return True
-
-
+@exits_on_config_error
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        cfg = load_config_checked(args.config, args.overrides, args.eval_only)
-    except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
-        return 2
+    from finetune.config import load_finetune_config
+
+    cfg = load_finetune_config(args.config, args.overrides, eval_only=args.eval_only)
     setup_logging()
-    from pretrain.__main__ import _quiet_libraries
+    quiet_libraries()
+    from finetune.run import run_finetune
 
-    _quiet_libraries()
-
-    import torch.distributed as dist
-
-    from finetune import tasks
-    from finetune.tasks.retrieval import table
-    from launch.checkpoint import atomic_write_json, seed_everything
-    from launch.config import save_config
-    from pretrain import models
-    from pretrain.engine import Trainer, init_distributed
-
-    env = init_distributed()
-    seed_everything(cfg.run.seed)  # identical initial weights on every rank
-    _, build = models.get(cfg.model.name)
-    backbone = build(cfg.model)
-    loaded = load_backbone_init(backbone, cfg.model.init)
-    if env.rank == 0 and cfg.model.init not in ("", "none"):
-        log.info("model.init %s: %d missing, %d unexpected keys", cfg.model.init, *map(len, loaded.values()))
-    _, task_cls = tasks.get(cfg.task.name)
-    task = task_cls(cfg, env.rank, env.world_size)
-    run_dir = Path(cfg.run.dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    model_meta = dataclasses.asdict(cfg.model)
-    results: dict[str, Any] = {"task": cfg.task.name, "model": cfg.model.name, "init": cfg.model.init}
-
-    if args.eval_only:
-        if env.rank == 0:
-            save_config(cfg, run_dir / "config.yaml")
-        results["mode"] = "eval-only"
-        splits = [s for s in cfg.eval.splits if task.json_of(s)]
-        if not splits:
-            print(f"config error: none of eval.splits {list(cfg.eval.splits)} has an annotation file", file=sys.stderr)
-            return 2
-        import torch
-
-        if torch.cuda.is_available():  # without the engine nobody else places the model
-            backbone = backbone.cuda()
-        evaluated = {s: task.evaluate(backbone, s) for s in splits}
-    else:
-        results["mode"] = "finetune"
-        model = task.build_model(backbone)
-        loader = task.train_loader()
-        select = "val" if task.json_of("val") else "test"
-        if select == "test" and env.rank == 0:
-            log.warning("no val split: the best checkpoint is selected on test (report it as such)")
-        keeper = BestKeeper(run_dir, cfg.eval.metric, env.rank, model_meta)
-
-        def evaluate(module: Any, step: int) -> dict[str, Any]:
-            metrics = task.evaluate(module.backbone, select)
-            keeper.offer(step, metrics, module.backbone)
-            return _scalars(metrics)
-
-        every = cfg.eval.every or loader.steps_per_epoch
-        trainer = Trainer(cfg, model, loader, evaluate=evaluate, eval_every=every)
-        summary = trainer.fit()
-        if summary.get("preempted"):
-            log.warning("preempted: no final test evaluation; rerun the same command to resume")
-            return 0
-        results["train"] = {k: summary.get(k) for k in ("steps", "seconds", "samples_per_s", "first_loss", "last_loss")}
-        backbone = trainer.module.backbone
-        if (run_dir / BEST).is_file():
-            load_backbone_init(backbone, str(run_dir / BEST))
-            results["best"] = keeper.record
-        evaluated = {f"{select}_best": keeper.record["metrics"]} if keeper.record else {}
-        if select != "test" and task.json_of("test"):
-            evaluated["test"] = task.evaluate(backbone, "test")
-
-    results["splits"] = {k: _scalars(v) for k, v in evaluated.items()}
-    if env.rank == 0:
-        for split in evaluated:
-            for path in task.report(evaluated[split], split, run_dir):
-                results.setdefault("figures", []).append(str(path))
-        atomic_write_json(run_dir / "results.json", results)
-        print(table(results["splits"], cfg.eval.ks))
-        print(f"results: {run_dir / 'results.json'}")
-    if dist.is_initialized():
-        dist.barrier()
+    run_finetune(cfg)
     return 0
 
 

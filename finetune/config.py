@@ -7,12 +7,14 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
-from launch.config import ConfigError, resolve_named_options
+from finetune import tasks
+from launch.config import ConfigError, deep_merge, load_config, resolve_named_options
 from pretrain.config import MixGenConfig, PretrainConfig
 
 
@@ -36,8 +38,9 @@ class EvalConfig:
     full_itm_max_pairs: int = 250_000  # ViLT (no ITC) scores every pair with ITM; refuse larger test sets
     qualitative: int = 4  # text queries in the qualitative PNG (0: none)
     splits: tuple[str, ...] = ("val", "test")  # splits --eval-only evaluates
+    only: bool = False  # evaluate model.init on eval.splits without training (what --eval-only sets)
 
-    def validate(self) -> None:
+    def validate(self, recipe: Any) -> None:
         if self.every < 0:
             raise ConfigError("eval.every: must be >= 0 (0: once per epoch)")
         for key in ("batch_size", "k_test", "rerank_batch", "block", "full_itm_max_pairs"):
@@ -60,26 +63,24 @@ class FinetuneConfig(PretrainConfig):
     task: dict[str, Any] = dataclasses.field(default_factory=lambda: {"name": "retrieval"})
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
 
-    def validate(self) -> None:
+    def validate(self, recipe: Any) -> None:
         self.model = inherit_model_section(self.model)
-        super().validate()
-        self.eval.validate()
+        super().validate(recipe)
+        init = self.model.init
+        if init not in ("", "none") and not Path(init).exists():
+            raise ConfigError(f"model.init: path does not exist: {init}")
         if int(self.deepspeed.zero_stage) == 3:
             raise ConfigError(
                 "deepspeed.zero_stage: fine-tuning keeps the best weights from the full module state, which ZeRO-3 "
                 "partitions; use stage 0, 1 or 2"
             )
-        self.task = resolve_task_options(self.task)
-        check = getattr(self.task, "check", None)
-        if callable(check):
-            check(self)
+        self.task = resolve_named_options("task", self.task, tasks.get, tasks.names())
 
 
-def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in over.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
+def load_finetune_config(path: str | Path, overrides: Sequence[str] = (), eval_only: bool = False) -> FinetuneConfig:
+    """The validated fine-tuning recipe (``eval_only``: what ``--eval-only`` sets, ``eval.only=true``)."""
+    extra = ["eval.only=true"] if eval_only else []
+    return load_config(FinetuneConfig, path, [*overrides, *extra])
 
 
 def inherit_model_section(model: Any) -> Any:
@@ -102,11 +103,4 @@ def inherit_model_section(model: Any) -> Any:
         raise ConfigError(f"model.init: {saved} is not valid YAML: {exc}") from exc
     if not isinstance(base, dict) or base.get("name") != model.get("name", base.get("name")):
         return model
-    return _merge(base, model)
-
-
-def resolve_task_options(task: Any) -> Any:
-    """Turn the ``task`` mapping into the registered task's options dataclass (validating every key)."""
-    from finetune import tasks
-
-    return resolve_named_options("task", task, tasks.get, tasks.names())
+    return deep_merge(base, model)

@@ -11,7 +11,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from launch.config import ConfigError
+from launch.config import exits_on_config_error
 
 USAGE = """usage:
   python -m launch local <entry> --config RECIPE [--nproc N] [--dry-run] [key=value ...]
@@ -98,6 +98,7 @@ def _slurm(entry_words: list[str], rest: list[str], command: Sequence[str]) -> i
     return status
 
 
+@exits_on_config_error
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -107,14 +108,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from launch.local import split_entry
 
     words, rest = split_entry(rest)
-    try:
-        if mode == "local":
-            return _local(words, rest)
-        if mode == "slurm":
-            return _slurm(words, rest, ["python", "-m", "launch", *argv])
-    except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
-        return 2
+    if mode == "local":
+        return _local(words, rest)
+    if mode == "slurm":
+        return _slurm(words, rest, ["python", "-m", "launch", *argv])
     print(f"unknown mode {mode!r}\n\n{USAGE}", file=sys.stderr)
     return 2
 

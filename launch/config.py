@@ -9,15 +9,25 @@ Path semantics are declared on the field with ``metadata``:
 * ``must_exist=True``: the value is a file or folder that must exist (``None``/empty allowed when optional).
 * ``shards=True``: the value is a shard pattern (path, glob, brace range ``{00000..00009}``, or several
   joined by ``::``) that must expand to at least one existing file.
+
+Checks beyond types have one hook: a config dataclass (a section, a model's or a task's options, the recipe
+itself) may define ``validate(self, recipe) -> None``, which raises :class:`ConfigError`. :func:`load_config`
+calls it on every dataclass of the tree, parent before children, with the whole recipe as ``recipe`` (so a check
+may read other sections: a model that refuses MixGen, a task that needs an eval metric). A parent's ``validate``
+may replace a ``dict`` field by its dataclass (the registry-selected ``model`` and ``task``); the walk then
+validates the replacement. Entry points wrap ``main`` in :func:`exits_on_config_error`: one line
+``config error: ...`` on stderr and exit status 2.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import glob
 import os
 import re
+import sys
 import types
 import typing
 from pathlib import Path
@@ -26,10 +36,33 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_
 import yaml
 
 T = TypeVar("T")
+CONFIG_ERROR_STATUS = 2  # the exit status of every entry point for a configuration error
 
 
 class ConfigError(ValueError):
     """A configuration problem, reported with the dotted key or the path it concerns."""
+
+
+def exits_on_config_error(main: typing.Callable[..., int]) -> typing.Callable[..., int]:
+    """Decorate an entry point's ``main``: a :class:`ConfigError` becomes one stderr line and exit status 2."""
+
+    @functools.wraps(main)
+    def wrapper(*args: Any, **kwargs: Any) -> int:
+        try:
+            return main(*args, **kwargs)
+        except ConfigError as exc:
+            print(f"config error: {exc}", file=sys.stderr)
+            return CONFIG_ERROR_STATUS
+
+    return wrapper
+
+
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """A copy of ``base`` with ``over`` merged in: nested mappings merge key by key, anything else is replaced."""
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 def expand_shards(pattern: str) -> list[str]:
@@ -245,19 +278,38 @@ def load_config(
     for key, value in parse_overrides(overrides):
         set_dotted(tree, key, value)
     cfg = build_dataclass(schema, tree)
-    post = getattr(cfg, "validate", None)
-    if callable(post):
-        post()
+    validate_tree(cfg)
     if check_paths:
         _check_paths(cfg)
     return cfg
 
 
+def validate_tree(tree: Any, recipe: Any = None) -> None:
+    """Call ``validate(recipe)`` on every dataclass of ``tree``, parent before children.
+
+    ``recipe`` defaults to ``tree`` itself: options validated on their own (outside a recipe) see no other section,
+    so a hook that reads one uses ``getattr(recipe, "<section>", None)``.
+    """
+    recipe = tree if recipe is None else recipe
+
+    def visit(node: Any) -> None:
+        hook = getattr(node, "validate", None)
+        if callable(hook):
+            hook(recipe)
+        for f in dataclasses.fields(node):
+            child = getattr(node, f.name)  # read after the parent's hook: it may have resolved a dict field
+            if dataclasses.is_dataclass(child) and not isinstance(child, type):
+                visit(child)
+
+    visit(tree)
+
+
 def resolve_named_options(
     section: str, mapping: Any, lookup: typing.Callable[[str], tuple[type, Any]], names: typing.Sequence[str]
 ) -> Any:
-    """Build the options dataclass that ``mapping["name"]`` selects through ``lookup`` (a registry), then run its
-    own ``validate()``; a missing or unknown name, an unknown key or a wrong type is a ConfigError under ``section``.
+    """Build the options dataclass that ``mapping["name"]`` selects through ``lookup`` (a registry); a missing or
+    unknown name, an unknown key or a wrong type is a ConfigError under ``section``. Its ``validate(recipe)`` runs in
+    :func:`validate_tree` like every other section's.
     """
     if dataclasses.is_dataclass(mapping):
         return mapping
@@ -269,11 +321,7 @@ def resolve_named_options(
         options_cls, _ = lookup(name)
     except KeyError as exc:
         raise ConfigError(f"{section}.name: {exc.args[0]}") from None
-    opts = build_dataclass(options_cls, mapping, prefix=section)
-    validate = getattr(opts, "validate", None)
-    if callable(validate):
-        validate()  # the options' own checks (e.g. style_transfer's style_dir) fail here, before any work starts
-    return opts
+    return build_dataclass(options_cls, mapping, prefix=section)
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -1,13 +1,10 @@
-"""Distributed environment detection (torchrun, SLURM, single process) and small collective helpers."""
+"""Distributed environment: where this process sits (torchrun or SLURM variables), and process-group setup."""
 
 from __future__ import annotations
 
 import dataclasses
 import os
 import socket
-
-import torch
-import torch.distributed as dist
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,56 +67,19 @@ def export_env(env: DistEnv | None = None) -> DistEnv:
     return env
 
 
-def default_backend() -> str:
-    return "nccl" if torch.cuda.is_available() else "gloo"
+def init_distributed() -> DistEnv:
+    """Initialise torch.distributed through DeepSpeed's comm layer (NCCL on GPUs, gloo on CPU), once per process.
 
+    Works for a single plain process too (world size 1, so collectives always work): the variables DeepSpeed reads
+    are exported first, else it would try MPI discovery.
+    """
+    import torch
 
-def init_distributed(backend: str | None = None) -> DistEnv:
-    """Initialise the default process group once (also for world size 1, so collectives always work)."""
-    env = export_env()
-    if not dist.is_initialized():
-        if torch.cuda.is_available():
-            torch.cuda.set_device(env.local_rank % max(torch.cuda.device_count(), 1))
-        dist.init_process_group(backend=backend or default_backend(), rank=env.rank, world_size=env.world_size)
-    return env
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+    env = export_env(detect_env())
+    import deepspeed
 
-
-def device() -> torch.device:
     if torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-def barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
-def all_reduce_max(value: float) -> float:
-    """Max of a scalar over ranks (identity without a process group)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return float(value)
-    t = torch.tensor([float(value)], dtype=torch.float64, device=_collective_device())
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return float(t.item())
-
-
-def all_reduce_sum(value: float) -> float:
-    """Sum of a scalar over ranks (identity without a process group)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return float(value)
-    t = torch.tensor([float(value)], dtype=torch.float64, device=_collective_device())
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return float(t.item())
-
-
-def broadcast_object(obj: object, src: int = 0) -> object:
-    if not (dist.is_available() and dist.is_initialized()):
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
-
-
-def _collective_device() -> torch.device:
-    return device() if dist.get_backend() == "nccl" else torch.device("cpu")
+        torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", auto_mpi_discovery=False)
+    return env

@@ -27,3 +27,19 @@ def setup_logging(rank: int | None = None, level: int = logging.INFO, file: str 
 
 def get_logger(name: str) -> logging.Logger:
     return logging.getLogger(f"vlp.{name}")
+
+
+def quiet_libraries() -> None:
+    """DeepSpeed and transformers log every init detail at INFO on every rank; keep (useful) warnings only."""
+    import warnings
+
+    for name in ("DeepSpeed", "deepspeed", "torch.distributed.elastic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    # DeepSpeed 0.19 still calls the collective torch 2.14 deprecated; one warning per rank helps nobody
+    warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:  # pragma: no cover - transformers is a dependency; data_prep runs without it too
+        return
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()

@@ -35,7 +35,7 @@ from typing import Any, Literal
 import yaml
 
 from launch import preempt
-from launch.config import ConfigError, load_config, to_dict
+from launch.config import ConfigError, load_config, to_dict, validate_tree
 from launch.local import Entry, check_module, stage_dir, stage_tree
 
 # submitit's LocalExecutor restarts the tasks when one exits with this code; we use it on Slurm too so that the
@@ -77,7 +77,7 @@ class LaunchConfig:
     requeue_overrides: list[str] | None = None  # added to a requeued run (default: train.resume=latest for training)
     sbatch: dict[str, Any] = dataclasses.field(default_factory=dict)  # extra #SBATCH flags, e.g. {exclusive: true}
 
-    def validate(self) -> None:
+    def validate(self, recipe: Any) -> None:
         for key in ("nodes", "array_parallelism"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key}: must be >= 1")
@@ -410,7 +410,7 @@ def submit(
     ``<run dir>/slurm/<job id>/``.
     """
     cfg = launch or LaunchConfig()
-    cfg.validate()
+    validate_tree(cfg)
     check_module(entry)
     tree = stage_tree(config, overrides)
     run_dir = stage_dir(tree)

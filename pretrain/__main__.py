@@ -1,20 +1,19 @@
 """``python -m pretrain --config configs/pretrain/clip_tiny.yaml [key=value ...]``.
 
-Runs the same way as one plain process, under ``torchrun --nproc_per_node N -m pretrain ...``, and under the
+Runs the same way as one plain process, under ``torchrun --nproc_per_node N -m pretrain ...``, under the
 ``deepspeed`` launcher (its ``--local_rank`` argument is accepted and ignored: the rank comes from the
-environment). A configuration error is printed as one line and exits with status 2 before any distributed setup.
+environment). A configuration error is printed as one line and exits with status 2
+before any distributed setup.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
-import warnings
 
-from launch.config import ConfigError, load_config
-from launch.logging import setup_logging
+from launch.config import ConfigError, exits_on_config_error, load_config
+from launch.logging import quiet_libraries, setup_logging
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -25,62 +24,36 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_intermixed_args(argv)
 
 
+@exits_on_config_error
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from pretrain.config import PretrainConfig
 
-    try:
-        cfg = load_config(PretrainConfig, args.config, args.overrides)
-        if not cfg.data.shards:
-            raise ConfigError("data.shards: required (a path, glob or brace pattern of .tar shards)")
-    except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
-        return 2
+    cfg = load_config(PretrainConfig, args.config, args.overrides)
+    if not cfg.data.shards:
+        raise ConfigError("data.shards: required (a path, glob or brace pattern of .tar shards)")
     log = setup_logging()
-    _quiet_libraries()
+    quiet_libraries()
 
-    from launch.checkpoint import seed_everything
+    from launch.dist import init_distributed
+    from launch.rng import seed_everything
     from pretrain import models
     from pretrain.data import ShardLoader
-    from pretrain.engine import Trainer, check_zero_stage, init_distributed
+    from pretrain.engine import Trainer
     from pretrain.export import load_init
 
     seed_everything(cfg.run.seed)  # same seed on every rank: identical initial weights before DeepSpeed's broadcast
     _, build = models.get(cfg.model.name)
     model = build(cfg.model)
-    try:
-        check_zero_stage(model, cfg.deepspeed.zero_stage)
-    except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
-        return 2
     env = init_distributed()
     loaded = load_init(model, cfg.model.init)
     if cfg.model.init not in ("", "none") and env.rank == 0:
         log.info("model.init %s: %d missing, %d unexpected keys", cfg.model.init, *map(len, loaded.values()))
     loader = ShardLoader(cfg.data, seed=cfg.run.seed, rank=env.rank, world_size=env.world_size, train=True)
-    try:
-        summary = Trainer(cfg, model, loader).fit()
-    except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
-        return 2
+    summary = Trainer(cfg, model, loader).fit()
     if env.rank == 0:
         print(json.dumps(summary, indent=2))
     return 0
-
-
-def _quiet_libraries() -> None:
-    """DeepSpeed and transformers log every init detail at INFO on every rank; keep (useful) warnings only."""
-    for name in ("DeepSpeed", "deepspeed", "torch.distributed.elastic"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    # DeepSpeed 0.19 still calls the collective torch 2.14 deprecated; one warning per rank helps nobody
-    warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
-    try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
-    except ImportError:  # pragma: no cover
-        pass
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Literal
 
-from launch.config import ConfigError, RunConfig, resolve_named_options, shards_field
+from launch.config import ConfigError, RunConfig, resolve_named_options, shards_field, validate_tree
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -27,7 +27,7 @@ class DataConfig:
     max_words: int = 30
     views: int = 1  # TCL trains on two augmented views of each image
 
-    def validate(self) -> None:
+    def validate(self, recipe: Any) -> None:
         if self.batch_size < 1:
             raise ConfigError("data.batch_size: must be >= 1")
         if self.num_workers < 0:
@@ -44,7 +44,7 @@ class MixGenConfig:
     lam: float = 0.5
     image_log_every: int = 0  # steps between TensorBoard grids of mixed pairs (0: off)
 
-    def validate(self) -> None:
+    def validate(self, recipe: Any) -> None:
         if not 0.0 < self.ratio <= 0.5 and self.variant != "batch":
             raise ConfigError("mixgen.ratio: must be in (0, 0.5] (M = ratio*B pairs mixed with the next M)")
         if not 0.0 <= self.lam <= 1.0:
@@ -75,7 +75,7 @@ class DeepSpeedConfig:
     bf16: bool = False
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)  # merged into the DeepSpeed json
 
-    def validate(self) -> None:
+    def validate(self, recipe: Any) -> None:
         if self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError("deepspeed.zero_stage: must be 0, 1, 2 or 3")
 
@@ -89,14 +89,19 @@ class PretrainConfig:
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     deepspeed: DeepSpeedConfig = dataclasses.field(default_factory=DeepSpeedConfig)
 
-    def validate(self) -> None:
-        for section in (self.data, self.mixgen, self.deepspeed):
-            section.validate()
-        self.model = resolve_model_options(self.model)
+    def validate(self, recipe: Any) -> None:
+        # the sections, and the model options resolved here, are validated next by the walk of launch.config
+        self.model = _model_options(self.model)
 
 
-def resolve_model_options(model: Any) -> Any:
-    """Turn the ``model`` mapping into the registered model's options dataclass (validating every key)."""
+def _model_options(model: Any) -> Any:
     from pretrain import models
 
     return resolve_named_options("model", model, models.get, models.names())
+
+
+def resolve_model_options(model: Any) -> Any:
+    """The registered model's options dataclass for a ``model`` mapping, every key and its own checks validated."""
+    opts = _model_options(model)
+    validate_tree(opts)
+    return opts

@@ -10,10 +10,10 @@ Usage (see docs/pretrain.md)::
 ``cfg`` needs the sections ``run``, ``train``, ``deepspeed``, ``data`` (for ``batch_size``, ``mean``/``std``)
 and optionally ``mixgen``. ``model(batch)`` returns ``{"loss", "losses": {...}}`` and may return
 ``logit_scale``; a model may define ``after_optimizer_step()`` (temperature clamp, momentum update),
-``no_weight_decay()`` (parameter names) and ``has_momentum`` (rejects ZeRO-3), ``configure(cfg)`` (reads/validates
-the whole recipe before DeepSpeed starts), ``images_to_log()`` (a dict of [N,3,H,W] tensors in [0,1] for TensorBoard
-grids, polled after every step) and ``on_train_end(run_dir)`` (every rank, once ``train.max_steps`` is reached; its
-dict joins the summary).
+``no_weight_decay()`` (parameter names), ``configure(cfg)`` (adopts keys of the validated recipe beyond its own
+section before DeepSpeed starts; checks belong in its options' ``validate``), ``images_to_log()`` (a dict of
+[N,3,H,W] tensors in [0,1] for TensorBoard grids, polled after every step) and ``on_train_end(run_dir)`` (every
+rank, once ``train.max_steps`` is reached; its dict joins the summary).
 
 Why not Accelerate: ``Accelerator.save_state`` writes registered custom objects (our loader position) from the
 main process only, so the other ranks' loader positions would be lost, and ``load_state`` unpickles them with
@@ -42,9 +42,10 @@ import torch.distributed as dist
 from torch import nn
 
 from launch import preempt
-from launch.checkpoint import atomic_write_bytes, atomic_write_json, rng_state, seed_everything, set_rng_state
-from launch.config import ConfigError, save_config
-from launch.dist import DistEnv, detect_env, export_env
+from launch.config import ConfigError, deep_merge, save_config
+from launch.dist import init_distributed
+from launch.files import atomic_write_bytes, atomic_write_json
+from launch.rng import rng_state, seed_everything, set_rng_state
 
 log = logging.getLogger("vlp.engine")
 
@@ -57,32 +58,6 @@ Evaluate = Callable[[nn.Module, int], dict[str, Any]]
 
 class NonFiniteLossError(RuntimeError):
     """Raised on every rank together after ``train.max_nonfinite`` consecutive non-finite losses."""
-
-
-# --------------------------------------------------------------------------------------------------------------
-# distributed setup
-
-
-def init_distributed() -> DistEnv:
-    """Initialise torch.distributed and DeepSpeed's comm layer (gloo on CPU); also for a single plain process."""
-    os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
-    env = export_env(detect_env())
-    import deepspeed
-
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if torch.cuda.is_available():
-        torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
-    return env
-
-
-def check_zero_stage(model: nn.Module, stage: int) -> None:
-    """Refuse ZeRO-3 for models with momentum (EMA) encoders: they read and write full parameters in place."""
-    if stage == 3 and getattr(model, "has_momentum", False):
-        raise ConfigError(
-            f"deepspeed.zero_stage=3 is not supported for model '{type(model).__name__}': its momentum (EMA) "
-            "encoder reads and writes full parameters, which ZeRO-3 partitions across ranks; use stage 1 or 2"
-        )
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -128,13 +103,6 @@ def cosine_with_warmup(warmup_steps: int, max_steps: int, min_ratio: float) -> C
     return factor
 
 
-def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in extra.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
 def deepspeed_config(cfg: Any, world_size: int) -> dict[str, Any]:
     """The DeepSpeed config dict derived from ``cfg.train``/``cfg.data``/``cfg.deepspeed`` (``extra`` merged last)."""
     micro = int(cfg.data.batch_size)
@@ -150,7 +118,7 @@ def deepspeed_config(cfg: Any, world_size: int) -> dict[str, Any]:
         "steps_per_print": 10**9,  # our monitor logs; DeepSpeed's own print would interleave with tqdm
         "wall_clock_breakdown": False,
     }
-    return _deep_merge(ds, dict(cfg.deepspeed.extra or {}))
+    return deep_merge(ds, dict(cfg.deepspeed.extra or {}))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -258,10 +226,9 @@ class Trainer:
         self.env = init_distributed()
         self.rank, self.world = self.env.rank, self.env.world_size
         preempt.install()
-        check_zero_stage(model, int(cfg.deepspeed.zero_stage))
         configure = getattr(model, "configure", None)
         if callable(configure):
-            configure(cfg)  # a model that needs recipe keys beyond its own section (raises ConfigError)
+            configure(cfg)  # a model that adopts recipe keys beyond its own section (mean/std, seed)
         seed_everything(int(cfg.run.seed) + self.rank)
         self.engine = self._build_engine(model, groups)
         self.state = _State()
@@ -608,7 +575,7 @@ class Trainer:
             summary["eval"] = self.last_eval
         summary.update(self.extra_summary)
         export_state = None
-        if bool(getattr(self.cfg.train, "export", False)) and not preempted:
+        if bool(self.cfg.train.export) and not preempted:
             export_state = self._consolidated_state()
         if self.rank == 0:
             rows = _read_jsonl(self.run_dir / "metrics.jsonl")

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from launch.checkpoint import safe_torch_load
+from launch.files import safe_torch_load
 
 MODEL_STATES = "mp_rank_00_model_states.pt"
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from launch.checkpoint import atomic_write_bytes
+from launch.files import atomic_write_bytes
 
 log = logging.getLogger("vlp.monitor")
 

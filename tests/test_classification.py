@@ -207,13 +207,13 @@ def test_style_policy_stylizes_the_chosen_fraction(style_checkpoint):
 def test_config_checks():
     opts = ClassificationOptions(root=".", augment="style")
     with pytest.raises(ConfigError, match="task.style_checkpoint"):
-        opts.check(SimpleNamespace(eval=SimpleNamespace(metric="top1")))
+        opts.validate(SimpleNamespace(eval=SimpleNamespace(metric="top1")))
     with pytest.raises(ConfigError, match="eval.metric"):
-        ClassificationOptions(root=".").check(SimpleNamespace(eval=SimpleNamespace(metric="r_mean")))
+        ClassificationOptions(root=".").validate(SimpleNamespace(eval=SimpleNamespace(metric="r_mean")))
     with pytest.raises(ConfigError, match="task.policies"):
-        ClassificationOptions(root=".", policies=("none", "mixup")).validate()
+        ClassificationOptions(root=".", policies=("none", "mixup")).validate(None)
     with pytest.raises(ConfigError, match="Office-31"):
-        ClassificationOptions(root=".", dataset="office31").validate()
+        ClassificationOptions(root=".", dataset="office31").validate(None)
 
 
 # ------------------------------------------------------------------------------------------- end to end

@@ -77,15 +77,16 @@ def test_truncate_jsonl_keeps_steps_up_to_resume_point(tmp_path):
 
 
 def test_zero3_refused_for_momentum_models():
-    from pretrain.engine import check_zero_stage
+    from launch.config import load_config
+    from pretrain.config import PretrainConfig
 
-    model = _Toy()
-    check_zero_stage(model, 3)  # no momentum encoder: fine
-    model.has_momentum = True
-    for stage in (0, 1, 2):
-        check_zero_stage(model, stage)
-    with pytest.raises(ConfigError, match="zero_stage=3.*momentum"):
-        check_zero_stage(model, 3)
+    load_config(PretrainConfig, REPO / "configs/pretrain/clip_tiny.yaml", ["deepspeed.zero_stage=3"], check_paths=False)
+    for model in ("albef", "tcl"):  # momentum (EMA) encoders
+        recipe = REPO / f"configs/pretrain/{model}_tiny.yaml"
+        for stage in (0, 1, 2):
+            load_config(PretrainConfig, recipe, [f"deepspeed.zero_stage={stage}"], check_paths=False)
+        with pytest.raises(ConfigError, match="zero_stage=3.*momentum"):
+            load_config(PretrainConfig, recipe, ["deepspeed.zero_stage=3"], check_paths=False)
 
 
 def test_entry_point_accepts_the_deepspeed_launchers_local_rank():

@@ -91,15 +91,16 @@ def test_weighted_losses_combine_the_vgg_terms(tiny_model):
     assert not tiny_model.vgg.training and tiny_model.predictor.training
 
 
-def test_configure_refuses_mixgen_and_takes_loader_normalisation(tiny_model):
+def test_validate_refuses_mixgen_and_configure_takes_loader_normalisation(tiny_model):
     cfg = SimpleNamespace(
         mixgen=SimpleNamespace(enabled=True),
         data=SimpleNamespace(mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25)),
         run=SimpleNamespace(seed=3),
     )
     with pytest.raises(ConfigError, match="mixgen.enabled"):
-        tiny_model.configure(cfg)
+        tiny_model.opts.validate(cfg)
     cfg.mixgen.enabled = False
+    tiny_model.opts.validate(cfg)
     tiny_model.configure(cfg)
     image = torch.full((2, 3, 32, 32), 1.0)  # normalized 1.0 -> 0.5 + 0.25 = 0.75 in [0, 1]
     out = tiny_model({"image": image, "text": ["a", "b"], "step": 0})

@@ -310,7 +310,7 @@ def save_style_checkpoint(
     ``stats.``); any other suffix is a ``torch.save`` dict readable with ``weights_only=True``. ``base_embedding``
     is the fixed embedding that stands in for P(c) without a predictor (the public files' ImageNet mean).
     """
-    from launch.checkpoint import atomic_write_bytes
+    from launch.files import atomic_write_bytes
 
     tensors: dict[str, torch.Tensor] = {}
     for k, v in transformer.state_dict().items():

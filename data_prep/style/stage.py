@@ -41,7 +41,16 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from launch.config import ConfigError, exists_field, expand_shards, load_config, save_config, shards_field, to_dict
+from launch.config import (
+    ConfigError,
+    exists_field,
+    exits_on_config_error,
+    expand_shards,
+    load_config,
+    save_config,
+    shards_field,
+    to_dict,
+)
 from launch.dist import detect_env
 from launch.logging import setup_logging
 
@@ -112,7 +121,7 @@ class StageConfig:
     model: ModelSection = dataclasses.field(default_factory=ModelSection)
     runtime: RuntimeSection = dataclasses.field(default_factory=RuntimeSection)
 
-    def validate(self) -> None:
+    def validate(self, recipe: Any) -> None:
         if not self.data.shards:
             raise ConfigError("data.shards: required (input shard pattern)")
         if self.data.batch_size < 1:
@@ -657,6 +666,7 @@ def run(cfg: StageConfig) -> dict[str, Any]:
     return summary
 
 
+@exits_on_config_error
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m data_prep style", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", help="YAML recipe (configs/style/stage.yaml)")
@@ -664,11 +674,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(list(argv) if argv is not None else None)
     env = detect_env()
     setup_logging(env.rank)
-    try:
-        cfg = load_config(StageConfig, args.config, args.overrides)
-    except ConfigError as exc:
-        log.error("config error: %s", exc)
-        return 2
+    cfg = load_config(StageConfig, args.config, args.overrides)
     summary = run(cfg)
     log.info("style stage done: %s", json.dumps(summary, default=str))
     return 0

@@ -50,8 +50,9 @@ from finetune.classification_data import (
 )
 from finetune.data import CaptionLoader, Entry, eval_image_batches
 from finetune.metrics import accuracy
+from finetune.report import markdown_table
 from finetune.tasks import TaskOptions, register
-from launch.config import ConfigError, exists_field
+from launch.config import ConfigError, exists_field, exits_on_config_error
 from pretrain.models.encoders import vision_width
 
 log = logging.getLogger("vlp.finetune.classification")
@@ -88,7 +89,7 @@ class ClassificationOptions(TaskOptions):
     style_use_predictor: bool = True  # false: the mean embedding stands in for P(c) (images < 43 px)
     image_log_every: int = 0  # steps between TensorBoard grids of original / stylized images
 
-    def validate(self) -> None:
+    def validate(self, recipe: Any) -> None:
         if not self.root:
             raise ConfigError("task.root: required (the dataset folder)")
         bad = [p for p in self.policies if p not in POLICIES]
@@ -112,15 +113,13 @@ class ClassificationOptions(TaskOptions):
         overlap = set(self.train_domains) & set(self.test_domains)
         if overlap and self.dataset == "office31":
             raise ConfigError(f"task.test_domains: {sorted(overlap)} also in train_domains (no domain shift)")
+        evaluation = getattr(recipe, "eval", None)
+        if evaluation is not None and evaluation.metric != "top1":
+            raise ConfigError(f"eval.metric: classification reports 'top1', got {evaluation.metric!r}")
+        self.check_style(self.augment)
 
     def uses_style(self, policy: str | None = None) -> bool:
         return "style" in (policy or self.augment)
-
-    def check(self, cfg: Any) -> None:
-        """Recipe-level checks: the selection metric, and a style network for the style policies."""
-        if cfg.eval.metric != "top1":
-            raise ConfigError(f"eval.metric: classification reports 'top1', got {cfg.eval.metric!r}")
-        self.check_style(self.augment)
 
     def check_style(self, policy: str) -> None:
         if self.uses_style(policy) and not (self.style_checkpoint or self.style_embeddings):
@@ -422,6 +421,9 @@ class ClassificationTask:
                 out[f"top1_{dom}"] = 100.0 * counts[k, 0].item() / max(1.0, counts[k, 1].item())
         return out
 
+    def table_columns(self) -> list[tuple[str, str]]:
+        return [("top1", "top-1")]
+
     def report(self, metrics: dict[str, Any], split: str, out_dir: str | Path) -> list[Path]:
         return []
 
@@ -430,20 +432,18 @@ class ClassificationTask:
 def table(rows: dict[str, dict[str, Any]]) -> str:
     """A markdown table of top-1 per policy and split."""
     splits = sorted({s for r in rows.values() for s in r})
-    lines = ["| policy | " + " | ".join(f"{s} top-1" for s in splits) + " |", "|---" * (len(splits) + 1) + "|"]
-    for policy, r in rows.items():
-        vals = [f"{r[s]:.2f}" if isinstance(r.get(s), (int, float)) else "-" for s in splits]
-        lines.append(f"| {policy} | " + " | ".join(vals) + " |")
-    return "\n".join(lines)
+    return markdown_table(rows, [(s, f"{s} top-1") for s in splits], label="policy")
 
 
+@exits_on_config_error
 def sweep(argv: Sequence[str] | None = None) -> int:
     """Run ``python -m finetune`` once per policy of ``task.policies`` and write one results table."""
     import argparse
 
-    from finetune.__main__ import load_config_checked
-    from finetune.__main__ import main as finetune_main
-    from launch.checkpoint import atomic_write_bytes, atomic_write_json
+    from finetune.config import load_finetune_config
+    from finetune.run import run_finetune
+    from launch.files import atomic_write_bytes, atomic_write_json
+    from launch.logging import quiet_libraries, setup_logging
 
     parser = argparse.ArgumentParser(
         prog="python -m finetune.tasks.classification",
@@ -452,26 +452,21 @@ def sweep(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--config", required=True)
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
-    try:
-        cfg = load_config_checked(args.config, list(args.overrides), eval_only=False)
-    except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
-        return 2
-    try:
-        for policy in cfg.task.policies:
-            cfg.task.check_style(policy)
-    except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
-        return 2
+    cfg = load_finetune_config(args.config, list(args.overrides))
+    recipes = {  # every policy's recipe is validated before the first run starts
+        policy: load_finetune_config(args.config, [*args.overrides, f"task.augment={policy}",
+                                                   f"run.dir={Path(cfg.run.dir) / policy}"])
+        for policy in cfg.task.policies
+    }  # fmt: skip
+    setup_logging()
+    quiet_libraries()
     base = Path(cfg.run.dir)
     rows: dict[str, dict[str, Any]] = {}
-    for policy in cfg.task.policies:
-        run_dir = base / policy
-        code = finetune_main(["--config", args.config, *args.overrides, f"task.augment={policy}", f"run.dir={run_dir}"])
-        if code != 0:
-            print(f"policy {policy}: python -m finetune exited with {code}", file=sys.stderr)
-            return code
-        res = json.loads((run_dir / "results.json").read_text())
+    for policy, recipe in recipes.items():
+        if run_finetune(recipe) is None:
+            print(f"policy {policy}: preempted; rerun the same command to resume", file=sys.stderr)
+            return 0
+        res = json.loads((base / policy / "results.json").read_text())
         rows[policy] = {split: m.get("top1", math.nan) for split, m in res.get("splits", {}).items()}
     rank = dist.get_rank() if dist.is_initialized() else 0
     text = table(rows)

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -52,6 +51,7 @@ from finetune.data import (
     read_annotations,
 )
 from finetune.metrics import chance_recalls, retrieval_recalls
+from finetune.report import GridRow, Tile, image_grid
 from finetune.tasks import TaskOptions, register
 from launch.config import ConfigError, exists_field
 from pretrain.losses import gather_features
@@ -70,14 +70,13 @@ class RetrievalOptions(TaskOptions):
     itc_weight: float = 1.0
     itm_weight: float = 1.0  # fusion models (ALBEF, TCL, ViLT)
 
-    def validate(self) -> None:
+    def validate(self, recipe: Any) -> None:
         if self.itc_weight < 0 or self.itm_weight < 0:
             raise ConfigError("task.itc_weight / task.itm_weight: must be >= 0")
         if not (self.val_json or self.test_json):
             raise ConfigError("task.val_json / task.test_json: at least one evaluation split is required")
-
-    def check_training(self) -> None:
-        if not self.train_json:
+        evaluation = getattr(recipe, "eval", None)
+        if evaluation is not None and not evaluation.only and not self.train_json:
             raise ConfigError("task.train_json: required for fine-tuning (or pass --eval-only)")
 
 
@@ -439,40 +438,25 @@ def write_qualitative(path: str | Path, queries: list[dict[str, Any]], split: Re
                       thumb: int = 96) -> Path | None:  # fmt: skip
     """A PNG grid: one row per text query, its top-5 images (ground truth framed green) and, when the ground truth
     is not among them, the ground truth itself framed red with its rank."""
-    from PIL import Image, ImageDraw
+    top = max((len(q["top"]) for q in queries), default=0)
 
-    if not queries:
-        return None
-    top = max(len(q["top"]) for q in queries)
-    label_h, pad = 28, 6
-    width = pad + (top + 1) * (thumb + pad)
-    height = pad + len(queries) * (thumb + label_h + pad)
-    canvas = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(canvas)
-
-    def tile(index: int, x: int, y: int, color: str | None, caption: str) -> None:
+    def tile(index: int, caption: str, frame: str | None = None) -> Tile:
         try:
-            im = store.open(split.images[index]).resize((thumb, thumb))
-        except Exception:  # a report must not fail on one image
-            im = Image.new("RGB", (thumb, thumb), "lightgray")
-        canvas.paste(im, (x, y))
-        if color:
-            draw.rectangle([x - 3, y - 3, x + thumb + 2, y + thumb + 2], outline=color, width=3)
-        draw.text((x, y + thumb + 2), caption, fill="black")
+            image = store.open(split.images[index])
+        except Exception:  # a report must not fail on one image: a grey tile stands in
+            image = None
+        return Tile(image, caption, frame)
 
+    rows = []
     for r, q in enumerate(queries):
-        y = pad + r * (thumb + label_h + pad) + label_h - 12
-        draw.text((pad, y - label_h + 12), f"{r + 1}. {q['text'][:100]}  (ground truth rank {q['gt_rank']})",
-                  fill="black")  # fmt: skip
-        for c, idx in enumerate(q["top"]):
-            hit = idx == q["gt_image"]
-            tile(idx, pad + c * (thumb + pad), y, "green" if hit else None, f"#{c + 1}" + (" GT" if hit else ""))
+        tiles: list[Tile | None] = [
+            tile(idx, f"#{c + 1}" + (" GT" if idx == q["gt_image"] else ""), "green" if idx == q["gt_image"] else None)
+            for c, idx in enumerate(q["top"])
+        ]
         if q["gt_image"] not in q["top"]:
-            tile(q["gt_image"], pad + top * (thumb + pad), y, "red", f"GT #{q['gt_rank']}")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(path)
-    return path
+            tiles += [None] * (top - len(tiles)) + [tile(q["gt_image"], f"GT #{q['gt_rank']}", "red")]
+        rows.append(GridRow(f"{r + 1}. {q['text'][:100]}  (ground truth rank {q['gt_rank']})", tiles))
+    return image_grid(path, rows, thumb)
 
 
 # ============================================================================ the task
@@ -533,6 +517,14 @@ class RetrievalTask:
         self.extras[split] = extras
         return metrics
 
+    def table_columns(self) -> list[tuple[str, str]]:
+        ks = self.cfg.eval.ks
+        return (
+            [(f"txt_r{k}", f"TR@{k}") for k in ks]
+            + [(f"img_r{k}", f"IR@{k}") for k in ks]
+            + [("rsum", "RSUM"), ("chance_rsum", "chance")]
+        )
+
     def report(self, metrics: dict[str, Any], split: str, out_dir: str | Path) -> list[Path]:
         extras = self.extras.get(split)
         if not extras:
@@ -540,15 +532,3 @@ class RetrievalTask:
         png = write_qualitative(Path(out_dir) / f"retrieval_{split}_queries.png", extras["queries"], extras["split"],
                                 self.store)  # fmt: skip
         return [png] if png else []
-
-
-def table(results: dict[str, dict[str, Any]], ks: Sequence[int] = (1, 5, 10)) -> str:
-    """A fixed-width table of TR@k / IR@k / RSUM per evaluated split."""
-    cols = [f"TR@{k}" for k in ks] + [f"IR@{k}" for k in ks] + ["RSUM", "chance"]
-    lines = ["split".ljust(12) + "".join(c.rjust(8) for c in cols)]
-    for name, m in results.items():
-        if not isinstance(m, dict) or "rsum" not in m:
-            continue
-        vals = [m[f"txt_r{k}"] for k in ks] + [m[f"img_r{k}"] for k in ks] + [m["rsum"], m.get("chance_rsum", math.nan)]
-        lines.append(name.ljust(12) + "".join(f"{v:8.2f}" for v in vals))
-    return "\n".join(lines)

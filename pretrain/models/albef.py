@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.models.bert.modeling_bert import BertOnlyMLMHead
 
+from launch.config import ConfigError
 from pretrain.models import ModelOptions, register
 from pretrain.models.encoders import (
     TextOptions,
@@ -61,6 +62,14 @@ class AlbefOptions(ModelOptions):
     mlm_probability: float = 0.15
     tie_mlm_head: bool = True  # tie the MLM decoder to the word embeddings (BERT/ALBEF do; see docs/models.md)
     itm_skip_same_text: bool = True  # never draw a hard negative whose caption equals the anchor's (false negative)
+
+    def validate(self, recipe: Any) -> None:
+        ds = getattr(recipe, "deepspeed", None)
+        if ds is not None and int(ds.zero_stage) == 3:
+            raise ConfigError(
+                f"deepspeed.zero_stage=3 is not supported for model '{self.name}': its momentum (EMA) encoder reads "
+                "and writes full parameters, which ZeRO-3 partitions across ranks; use stage 1 or 2"
+            )
 
 
 class Tokens(NamedTuple):
@@ -183,7 +192,7 @@ def ramp_alpha(alpha: float, batch: dict[str, Any]) -> float:
 class Albef(nn.Module):
     """ALBEF pretraining model; also the encoder/fusion provider for fine-tuning heads."""
 
-    has_momentum = True  # the engine refuses ZeRO-3 (the EMA reads every full parameter each step)
+    has_momentum = True  # EMA encoders (AlbefOptions.validate refuses ZeRO-3: the EMA reads every full parameter)
     queue_names: tuple[str, ...] = ("image", "text")
 
     def __init__(self, opts: AlbefOptions) -> None:

@@ -71,7 +71,7 @@ class StyleTransferOptions(ModelOptions):
     stats_batch: int = 8  # style images per predictor call when computing the embedding statistics
     stats_max_images: int = 0  # 0: every style image
 
-    def validate(self) -> None:
+    def validate(self, recipe: Any) -> None:
         if not self.style_dir:
             raise ConfigError("model.style_dir: required (a folder of style images, e.g. PBN + DTD)")
         if not Path(self.style_dir).is_dir():
@@ -82,6 +82,12 @@ class StyleTransferOptions(ModelOptions):
             raise ConfigError(f"model.style_size: the style predictor needs >= {PREDICTOR_MIN_SIZE} px")
         if self.style_scale < 1.0:
             raise ConfigError("model.style_scale: must be >= 1")
+        mix = getattr(recipe, "mixgen", None)
+        if mix is not None and mix.enabled:
+            raise ConfigError(
+                "mixgen.enabled: must be false for model style_transfer (MixGen would blend content images and "
+                "rewrite captions the style network never reads); set mixgen.enabled=false"
+            )
 
 
 # ------------------------------------------------------------------------------------------------ losses
@@ -280,13 +286,7 @@ class StyleTransferModel(nn.Module):
 
     # -- engine hooks -------------------------------------------------------------------------------------------
     def configure(self, cfg: Any) -> None:
-        """Called by the engine with the whole recipe: MixGen must be off; take the loader's mean/std and seed."""
-        mix = getattr(cfg, "mixgen", None)
-        if mix is not None and mix.enabled:
-            raise ConfigError(
-                "mixgen.enabled: must be false for model style_transfer (MixGen would blend content images and "
-                "rewrite captions the style network never reads); set mixgen.enabled=false"
-            )
+        """Called by the engine with the validated recipe: adopt the loader's mean/std and the seed."""
         self.data_mean.copy_(torch.tensor(cfg.data.mean, dtype=torch.float32).view(1, 3, 1, 1))
         self.data_std.copy_(torch.tensor(cfg.data.std, dtype=torch.float32).view(1, 3, 1, 1))
         self.seed = int(cfg.run.seed)

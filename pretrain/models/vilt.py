@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from launch.config import ConfigError
+from launch.config import ConfigError, validate_tree
 from pretrain.models import ModelOptions, register
 from pretrain.models.encoders import (
     TextOptions,
@@ -68,7 +68,7 @@ class ViltOptions(ModelOptions):
     wpa_iterations: int = 50
     wpa_beta: float = 0.5
 
-    def validate(self) -> None:
+    def validate(self, recipe: Any) -> None:
         if self.max_text_len < 3:
             raise ConfigError("model.max_text_len: must be >= 3 ([CLS] word [SEP])")
         if not 0.0 < self.mlm_probability < 1.0:
@@ -182,7 +182,7 @@ class Vilt(nn.Module):
 
     def __init__(self, opts: ViltOptions) -> None:
         super().__init__()
-        opts.validate()
+        validate_tree(opts)
         self.opts = opts
         kwargs = dict(opts.vision.kwargs)
         for key, value in (("embed_dim", opts.hidden_size), ("depth", opts.depth), ("num_heads", opts.num_heads)):

@@ -21,7 +21,7 @@ from typing import Any
 from launch.config import expand_shards
 
 from .schema import IMAGE_EXTS, captions_of, meta_of
-from .sources.img2dataset import iter_samples
+from .tar_reader import iter_tar_samples
 
 LENGTH_BINS = (0, 5, 10, 15, 20, 30, 50)  # lower edges of the word-count bins
 
@@ -83,7 +83,7 @@ def inspect_shards(paths: Sequence[str], sheet_samples: int = 16, limit: int | N
         if limit is not None and scanned >= limit:
             continue
         try:
-            for key, sample in iter_samples(path):
+            for key, sample in iter_tar_samples(path):
                 scanned += 1
                 report["samples"] += 1
                 caps = captions_of(sample)

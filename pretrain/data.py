@@ -33,18 +33,17 @@ import logging
 import math
 import os
 import signal
-import tarfile
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from typing import Any
 
 import torch
-import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data_prep.schema import MANIFEST_NAME, captions_of, image_bytes_of
+from data_prep.tar_reader import TarDamaged, count_tar_samples, iter_tar_samples
 from data_prep.transforms import EvalTransform, TrainTransform, eval_transform, pre_caption, train_transform
 from launch.config import expand_shards
 from pretrain.config import DataConfig
@@ -129,23 +128,9 @@ def _stats_count(tar_path: str) -> int | None:
         return None
 
 
-def scan_sample_count(tar_path: str) -> int:
-    """Count the samples of a tar by its member names (seeks over the data; reads no image)."""
-    keys = 0
-    last = None
-    with tarfile.open(tar_path, "r:") as tf:
-        for member in tf:
-            if not member.isreg():
-                continue
-            prefix, _ = wds.tariterators.base_plus_ext(member.name)
-            if prefix is not None and prefix != last:
-                keys += 1
-                last = prefix
-    return keys
-
-
 def shard_sample_counts(paths: list[str]) -> list[int]:
-    """Samples per shard: manifest.json / sizes.json, else ``{shard}_stats.json``, else a header scan of the tar."""
+    """Samples per shard: manifest.json / sizes.json, else ``{shard}_stats.json``, else a header scan of the tar
+    (a damaged tar counts the complete samples before the damage, with a warning naming it)."""
     by_folder: dict[str, dict[str, int]] = {}
     counts: list[int] = []
     for path in paths:
@@ -156,11 +141,9 @@ def shard_sample_counts(paths: list[str]) -> list[int]:
         if count is None:
             count = _stats_count(path)
         if count is None:
-            try:
-                count = scan_sample_count(path)
-            except (OSError, tarfile.TarError) as exc:
-                log.warning("cannot count samples of %s (%s): treating it as empty", path, exc)
-                count = 0
+            count, damage = count_tar_samples(path)
+            if damage is not None:  # the samples before the damage still train; the rest is reported as lost
+                log.warning("%s; the loader reads those %d samples, the rest of the shard is lost", damage, count)
         counts.append(max(0, int(count)))
     return counts
 
@@ -243,32 +226,19 @@ class _ShardReader:
         self.counts = counts
         self._shard: int | None = None
         self._next = 0
-        self._it: Iterator[dict[str, Any]] | None = None
-        self._fh: Any = None
+        self._it: Generator[tuple[str, dict[str, bytes]], None, None] | None = None
         self._error: str | None = None
 
     def close(self) -> None:
-        if self._fh is not None:
-            self._fh.close()
-        self._fh = self._it = None
+        if self._it is not None:
+            self._it.close()  # closes the tar file
+        self._it = None
         self._shard = None
 
     def _open(self, shard: int) -> None:
         self.close()
         self._shard, self._next, self._error = shard, 0, None
-        path = self.paths[shard]
-        try:
-            self._fh = open(path, "rb")  # noqa: SIM115 - lives across calls, closed in close()
-        except OSError as exc:
-            self._error = f"unreadable shard: {path}: {exc}"
-            return
-
-        def on_error(exc: Exception) -> bool:
-            log.warning("skipping a tar member of %s: %s", path, exc)
-            return True
-
-        files = ({**f, "__url__": path} for f in wds.tariterators.tar_file_iterator(self._fh, handler=on_error))
-        self._it = wds.tariterators.group_by_keys(files, handler=on_error)
+        self._it = iter_tar_samples(self.paths[shard])
 
     def get(self, shard: int, index: int) -> tuple[dict[str, Any] | None, str]:
         """The raw sample at ``index`` of ``shard``, or ``(None, reason)`` when the tar cannot deliver it."""
@@ -276,19 +246,19 @@ class _ShardReader:
             self._open(shard)
         while self._error is None and self._next <= index:
             try:
-                sample = next(self._it)  # type: ignore[arg-type]
+                key, parts = next(self._it)  # type: ignore[arg-type]
             except StopIteration:
                 self._error = (
                     f"missing from shard: {self.paths[shard]} ends after {self._next} samples, "
                     f"its count says {self.counts[shard]}"
                 )
                 break
-            except (OSError, tarfile.TarError, ValueError, EOFError) as exc:
-                self._error = f"tar read error: {self.paths[shard]} after {self._next} samples: {exc}"
+            except TarDamaged as exc:
+                self._error = f"tar read error: {exc}"
                 break
             self._next += 1
             if self._next - 1 == index:
-                return sample, ""
+                return {**parts, "__key__": key, "__url__": self.paths[shard]}, ""
         return None, self._error or "missing"
 
 

@@ -15,9 +15,10 @@ import webdataset as wds
 from PIL import Image
 
 from data_prep.schema import sample_key
+from data_prep.tar_reader import TarDamaged, count_tar_samples, iter_tar_samples
 from data_prep.transforms import pre_caption
 from pretrain.config import DataConfig
-from pretrain.data import ShardLoader, scan_sample_count, shard_sample_counts
+from pretrain.data import ShardLoader, shard_sample_counts
 
 
 def _jpeg(seed: int) -> bytes:
@@ -200,7 +201,7 @@ def test_worker_skip_counts_stale_manifest_and_truncated_tar(tmp_path):
 def test_img2dataset_shards(tmp_path, counts_from):
     good = make_shards(tmp_path, [5, 7], style="img2dataset", counts_from=counts_from)
     assert shard_sample_counts(sorted(str(p) for p in tmp_path.glob("*.tar"))) == [5, 7]
-    assert scan_sample_count(str(tmp_path / "00001.tar")) == 7
+    assert count_tar_samples(str(tmp_path / "00001.tar")) == (7, None)
     loader = ShardLoader(cfg_for(tmp_path), seed=0)
     assert loader.num_samples == 12 and loader.steps_per_epoch == 3
     batches = take(loader, 3)
@@ -208,6 +209,25 @@ def test_img2dataset_shards(tmp_path, counts_from):
         for key, text, idx in zip(b["key"], b["text"], b["caption_idx"]):
             assert idx == 0 and text == pre_caption(good[key][0])
     assert {k for b in batches for k in b["key"]} == set(good)
+
+
+def test_truncated_shard_without_counts_keeps_its_readable_samples(tmp_path, caplog):
+    """No manifest or stats: a tar cut in half still trains on the samples before the cut, and says so."""
+    make_shards(tmp_path, [12, 12], counts_from="none")
+    cut = tmp_path / "00001.tar"
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
+    readable: list[str] = []
+    with pytest.raises(TarDamaged):
+        for key, _ in iter_tar_samples(str(cut)):
+            readable.append(key)
+    assert 3 <= len(readable) < 12
+    first = [key for key, _ in iter_tar_samples(str(tmp_path / "00000.tar"))]
+    with caplog.at_level(logging.WARNING, logger="vlp.data"):
+        loader = ShardLoader(cfg_for(tmp_path), seed=0, train=False)
+    assert loader.num_samples == len(first) + len(readable)
+    assert f"00001.tar: damaged after {len(readable)} complete samples" in caplog.text
+    keys = [k for b in loader for k in b["key"]]
+    assert sorted(keys) == sorted(first + readable)
 
 
 def _assert_same(a: list[dict], b: list[dict]) -> None:

@@ -175,7 +175,8 @@ def _tar_with_keys(path: Path, keys: list[str]) -> str:
 
 
 def test_style_stage_skips_unsafe_input_keys(tmp_path, monkeypatch):
-    from data_prep.style.stage import StageConfig, iter_tar, run
+    from data_prep.style.stage import StageConfig, run
+    from data_prep.tar_reader import iter_tar_samples
     from launch.config import load_config
 
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS"):
@@ -201,7 +202,7 @@ def test_style_stage_skips_unsafe_input_keys(tmp_path, monkeypatch):
     run(cfg)
     members = [m.name for m in tarfile.open(out / "00000.tar")]
     assert members and all(m.startswith("good") for m in members), members
-    assert [k for k, _ in iter_tar(str(out / "00000.tar"))] == ["good", "good_s0"]
+    assert [k for k, _ in iter_tar_samples(str(out / "00000.tar"))] == ["good", "good_s0"]
     stats = json.loads((out / "00000_stats.json").read_text())
     assert stats["failures"] == {UNSAFE_KEY: 2}
     assert not (tmp_path / "evil").exists() and not Path("/abs/y.jpg").exists()

@@ -13,6 +13,7 @@ from PIL import Image
 from data_prep.build import BuildConfig, run_build
 from data_prep.sources import cc3m, coco, img2dataset, jsonlist, sbu, vg
 from data_prep.sources.base import Problem, Record
+from data_prep.tar_reader import iter_tar_samples
 from launch.config import ConfigError, load_config
 
 
@@ -48,7 +49,7 @@ def _samples(out: Path) -> dict[str, dict]:
     """key → {"jpg": bytes, "json": dict, "txt": str} over every shard of ``out``."""
     samples: dict[str, dict] = {}
     for tar_path in sorted(out.glob("*.tar")):
-        for key, s in img2dataset.iter_samples(str(tar_path)):
+        for key, s in iter_tar_samples(str(tar_path)):
             samples[key] = {"jpg": s["jpg"], "json": json.loads(s["json"]), "txt": s["txt"].decode()}
     return samples
 

@@ -15,7 +15,8 @@ from PIL import Image
 
 from data_prep.shards import ShardWriter
 from data_prep.style.sampling import sample_seed
-from data_prep.style.stage import StageConfig, iter_tar, main, run
+from data_prep.style.stage import StageConfig, main, run
+from data_prep.tar_reader import iter_tar_samples
 from launch.config import ConfigError, load_config
 
 N_PER_SHARD = 4
@@ -83,7 +84,7 @@ def cfg_for(shards: str, out: Path, embeddings: str, *extra: str) -> StageConfig
 
 
 def read_shard(path: Path) -> list[tuple[str, dict[str, bytes]]]:
-    return list(iter_tar(str(path)))
+    return list(iter_tar_samples(str(path)))
 
 
 def decode(jpg: bytes) -> np.ndarray:

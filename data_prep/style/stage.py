@@ -57,6 +57,7 @@ from launch.logging import setup_logging
 from ..paths import PathError, check_member_key
 from ..schema import IMAGE_EXTS, captions_of
 from ..shards import ShardWriter, read_stats, write_manifest
+from ..tar_reader import iter_tar_samples
 from .network import StylePredictor, StyleTransformer, load_style_checkpoint
 from .sampling import EmbeddingSampler, StyleRandomizer, parse_ratio, ratio_copies, sample_seed
 from .strad import check_stats, load_embedding_stats, load_public_predictor, load_public_transformer
@@ -232,34 +233,6 @@ class InputSample:
     error: str | None = None
 
 
-def iter_tar(path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """Samples of a tar in member order, grouped by key (webdataset rule: name up to the first dot of the basename).
-
-    Members are read into memory, never extracted by name. A damaged tar raises ``tarfile.TarError`` /
-    ``OSError`` after yielding what could be read.
-    """
-    current: str | None = None
-    parts: dict[str, bytes] = {}
-    with tarfile.open(path, mode="r|*") as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            dirname, base = os.path.split(member.name)
-            if "." not in base:
-                continue
-            stem, ext = base.split(".", 1)
-            key = f"{dirname}/{stem}" if dirname else stem
-            fh = tar.extractfile(member)
-            data = fh.read() if fh is not None else b""
-            if current is not None and key != current:
-                yield current, parts
-                parts = {}
-            current = key
-            parts[ext.lower()] = data
-    if current is not None:
-        yield current, parts
-
-
 def decode_sample(key: str, raw: dict[str, bytes]) -> InputSample:
     """Decode image, json and caption; corrupt parts set ``error`` (short reason + detail) instead of raising."""
     s = InputSample(key=key, raw=raw)
@@ -306,7 +279,7 @@ class ShardChunks(torch.utils.data.IterableDataset):
             buf: list[InputSample] = []
             read_error = None
             try:
-                for key, raw in iter_tar(path):
+                for key, raw in iter_tar_samples(path):
                     buf.append(decode_sample(key, raw))
                     if len(buf) == self.batch_size:
                         yield {"shard": shard_id, "samples": buf, "last": False, "read_error": None}
@@ -689,4 +662,4 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["StageConfig", "StyleStage", "build_randomizer", "decode_sample", "iter_tar", "main", "run"]
+__all__ = ["StageConfig", "StyleStage", "build_randomizer", "decode_sample", "main", "run"]

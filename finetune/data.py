@@ -37,6 +37,7 @@ from torch.utils.data import DataLoader, Dataset
 from data_prep.paths import PathError, resolve_in_root
 from data_prep.transforms import pre_caption
 from pretrain.data import ignore_job_signals
+from pretrain.resumable import ResumableLoader
 
 log = logging.getLogger("vlp.finetune.data")
 
@@ -359,14 +360,15 @@ def _collate_train(items: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-class CaptionLoader:
+class CaptionLoader(ResumableLoader):
     """Training batches of (image, caption, image id) rows for the shared engine.
 
     Each epoch is a permutation seeded by ``(seed, epoch)``, cut to whole global batches (``drop_last``) and dealt
     to ranks like a ``DistributedSampler``; batch ``b`` of rank ``r`` holds permutation positions
     ``[(b * world + r) * B, ... + B)``. ``iter()`` yields the rest of the current epoch, then advances it. The
-    position (``state_dict``: epoch and batches consumed) resumes exactly; ``steps_per_epoch`` is batches per rank.
-    Augmentation draws come from a generator seeded by (seed, epoch, row), so they do not depend on workers.
+    position (:class:`pretrain.resumable.ResumableLoader`: epoch and batches consumed) resumes exactly;
+    ``steps_per_epoch`` is batches per rank. Augmentation draws come from a generator seeded by (seed, epoch, row),
+    so they do not depend on workers.
     """
 
     def __init__(
@@ -381,6 +383,7 @@ class CaptionLoader:
         world_size: int = 1,
         num_workers: int = 0,
     ) -> None:
+        super().__init__()
         ids = {e.key: n for n, e in enumerate(entries)}  # image ids remapped to 0..N-1, as ALBEF does
         rows = [(n, cap, ids[e.key]) for n, e in enumerate(entries) for cap in e.captions]
         self.images = [e.image for e in entries]
@@ -396,30 +399,9 @@ class CaptionLoader:
                 f"({self.batch_size} x {world_size} ranks)"
             )
         self.dataset = _CaptionDataset(rows, self.images, store, transform, self.seed)
-        self.skipped = 0
-        self._epoch = 0
-        self._step = 0
-        self._generation = 0
 
-    def _fingerprint(self) -> dict[str, int]:
+    def fingerprint(self) -> dict[str, int]:
         return {"rows": self.num_rows, "batch_size": self.batch_size, "world_size": self.world_size, "seed": self.seed}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self._epoch, "step": self._step, "skipped": self.skipped, "fingerprint": self._fingerprint()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("fingerprint") != self._fingerprint():
-            raise ValueError(
-                f"loader state {state.get('fingerprint')} does not match this loader {self._fingerprint()}; "
-                "exact resume needs the same data, batch size, world size and seed"
-            )
-        self._epoch, self._step = int(state["epoch"]), int(state["step"])
-        self.skipped = int(state.get("skipped", 0))
-        self._generation += 1
-
-    def set_epoch(self, epoch: int) -> None:
-        if epoch != self._epoch:
-            self._epoch, self._step = int(epoch), 0
 
     def batch_indices(self, epoch: int) -> list[list[int]]:
         """This rank's row indices per batch of ``epoch``."""
@@ -431,32 +413,21 @@ class CaptionLoader:
     def __len__(self) -> int:
         return self.steps_per_epoch
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        self._generation += 1
-        return self._consume(self._generation)
-
-    def _consume(self, generation: int) -> Iterator[dict[str, Any]]:
-        epoch, start = self._epoch, self._step
+    def batches(self, epoch: int, step: int) -> Iterator[dict[str, Any]]:
         self.dataset.epoch = epoch
-        batches = self.batch_indices(epoch)[start:]
-        loader = DataLoader(
+        yield from DataLoader(
             self.dataset,
-            batch_sampler=batches,
+            batch_sampler=self.batch_indices(epoch)[step:],
             num_workers=self.num_workers,
             collate_fn=_collate_train,
             persistent_workers=False,
             worker_init_fn=ignore_job_signals if self.num_workers > 0 else None,
         )
-        for batch in loader:
-            if generation != self._generation:
-                return
-            for p in batch.pop("problems"):
-                log.warning("skipped training image: %s", p)
-            self.skipped += batch["skipped"]
-            self._step += 1
-            yield batch
-        if generation == self._generation:
-            self._epoch, self._step = epoch + 1, 0
+
+    def on_batch(self, batch: dict[str, Any]) -> None:
+        for p in batch.pop("problems"):
+            log.warning("skipped training image: %s", p)
+        super().on_batch(batch)
 
 
 def rank_blocks(n: int, block: int, rank: int, world: int) -> list[range]:

@@ -47,6 +47,7 @@ from data_prep.tar_reader import TarDamaged, count_tar_samples, iter_tar_samples
 from data_prep.transforms import EvalTransform, TrainTransform, eval_transform, pre_caption, train_transform
 from launch.config import expand_shards
 from pretrain.config import DataConfig
+from pretrain.resumable import ResumableLoader
 
 log = logging.getLogger("vlp.data")
 
@@ -511,12 +512,13 @@ def ignore_job_signals(_worker_id: int = 0) -> None:
     signal.signal(signal.SIGUSR2, signal.SIG_IGN)
 
 
-class ShardLoader:
+class ShardLoader(ResumableLoader):
     """Iterable over Batch-contract dicts from webdataset shards; see the module docstring.
 
     ``iter(loader)`` continues from the consumed position (infinite in training). ``state_dict()`` reflects the
     batches handed to the caller (not those prefetched by workers); ``load_state_dict`` before ``iter()`` resumes
-    exactly. Exposes ``steps_per_epoch``, ``epoch``, ``step``, ``skipped`` and ``skip_reasons``.
+    exactly (the position protocol of :class:`pretrain.resumable.ResumableLoader`). Exposes ``steps_per_epoch``,
+    ``epoch``, ``step``, ``skipped`` and ``skip_reasons``.
     """
 
     def __init__(
@@ -529,6 +531,7 @@ class ShardLoader:
         train: bool = True,
         pin_memory: bool = False,
     ) -> None:
+        super().__init__()
         if not cfg.shards:
             raise ValueError("data.shards: no shard pattern given")
         paths = expand_shards(cfg.shards)
@@ -568,15 +571,11 @@ class ShardLoader:
             train=train,
         )
         self.transform = _make_transform(cfg, train)
-        self._epoch = 0
-        self._step = 0
         # emission cursor per worker role after its last consumed batch of this epoch; None = unknown (replay)
         self._cursors: list[int | None] = [0] * workers
-        self._generation = 0
-        self.skipped = 0
         self.skip_reasons: Counter[str] = Counter()
 
-    # --- sizes and position
+    # --- sizes
     @property
     def steps_per_epoch(self) -> int:
         return self.plan.steps_per_epoch
@@ -586,16 +585,8 @@ class ShardLoader:
         """Samples per epoch before padding (all ranks together)."""
         return self.plan.num_samples
 
-    @property
-    def epoch(self) -> int:
-        return self._epoch
-
-    @property
-    def step(self) -> int:
-        """Batches consumed in the current epoch."""
-        return self._step
-
-    def _fingerprint(self) -> dict[str, Any]:
+    # --- the resume protocol
+    def fingerprint(self) -> dict[str, Any]:
         p = self.plan
         return {
             "seed": self.seed,
@@ -608,17 +599,12 @@ class ShardLoader:
             "shuffle_buffer": p.window,
         }
 
-    def state_dict(self) -> dict[str, Any]:
-        """Position of this rank after the batches consumed so far (plain ints, safe for weights_only loading)."""
+    def extra_state(self) -> dict[str, Any]:
         return {
             "version": STATE_VERSION,
-            "epoch": self._epoch,
-            "step": self._step,
             "rank": self.rank,
             "cursors": list(self._cursors) if None not in self._cursors else None,
-            "skipped": self.skipped,
             "skip_reasons": dict(self.skip_reasons),
-            "fingerprint": self._fingerprint(),
         }
 
     def load_state_dict(self, state: dict[str, Any], strict: bool = True) -> None:
@@ -626,38 +612,29 @@ class ShardLoader:
         or data raises ValueError (``strict=False``: continue at the same epoch fraction, not exact)."""
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"loader state version {state.get('version')!r}, expected {STATE_VERSION}")
-        mine, theirs = self._fingerprint(), state.get("fingerprint", {})
-        diff = {k: (theirs.get(k), v) for k, v in mine.items() if theirs.get(k) != v}
-        self._generation += 1  # invalidates live iterators
-        self.skipped = int(state.get("skipped", 0))
-        self.skip_reasons = Counter(state.get("skip_reasons", {}))
-        if diff:
-            detail = ", ".join(f"{k}: saved {a!r} now {b!r}" for k, (a, b) in diff.items())
-            if strict:
-                raise ValueError(f"loader state does not match this loader ({detail}); exact resume impossible")
-            log.warning("loader state differs (%s): resuming at the same epoch fraction, not exactly", detail)
-            old_workers = int(theirs.get("workers", 1))
-            old_slots = int(theirs.get("world_size", 1)) * old_workers * int(theirs.get("batch_size", 1))
-            old_steps = max(1, old_workers * math.ceil(int(theirs.get("num_samples", 1)) / max(1, old_slots)))
-            self._epoch = int(state["epoch"])
-            self._step = min(self.steps_per_epoch - 1, int(state["step"]) * self.steps_per_epoch // old_steps)
-            self._cursors = self._unknown_cursors()
-            return
-        if not 0 <= int(state["step"]) < self.steps_per_epoch or int(state["epoch"]) < 0:
-            raise ValueError(
-                f"loader state position epoch {state['epoch']} step {state['step']} is outside an epoch of "
-                f"{self.steps_per_epoch} steps"
-            )
+        super().load_state_dict(state, strict)
+
+    def approximate_resume(self, state: dict[str, Any], diff: dict[str, tuple[Any, Any]]) -> None:
+        detail = ", ".join(f"{k}: saved {a!r} now {b!r}" for k, (a, b) in diff.items())
+        log.warning("loader state differs (%s): resuming at the same epoch fraction, not exactly", detail)
+        theirs = state.get("fingerprint") or {}
+        old_workers = int(theirs.get("workers", 1))
+        old_slots = int(theirs.get("world_size", 1)) * old_workers * int(theirs.get("batch_size", 1))
+        old_steps = max(1, old_workers * math.ceil(int(theirs.get("num_samples", 1)) / max(1, old_slots)))
         self._epoch = int(state["epoch"])
-        self._step = int(state["step"])
+        self._step = min(self.steps_per_epoch - 1, int(state["step"]) * self.steps_per_epoch // old_steps)
+
+    def load_extra_state(self, state: dict[str, Any], exact: bool) -> None:
+        self.skip_reasons = Counter(state.get("skip_reasons", {}))
         cursors = state.get("cursors")
-        if state.get("rank") != self.rank or cursors is None or len(cursors) != self.plan.workers:
+        if exact and state.get("rank") == self.rank and cursors is not None and len(cursors) == self.plan.workers:
+            self._cursors = [int(c) for c in cursors]
+            return
+        if exact:
             log.info(
                 "loader state has no cursors for rank %d: replaying the epoch up to step %d", self.rank, self._step
             )
-            self._cursors = self._unknown_cursors()
-        else:
-            self._cursors = [int(c) for c in cursors]
+        self._cursors = self._unknown_cursors()
 
     def _unknown_cursors(self) -> list[int | None]:
         """Roles that made no batch yet this epoch start at 0; the others must be replayed."""
@@ -665,15 +642,13 @@ class ShardLoader:
 
     # --- iteration
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        self._generation += 1
-        generation = self._generation
-        worker = _Worker(self.plan, self.transform, self.cfg.views, self.cfg.max_words)
-        if not self.train:
-            dataset = _Dataset(worker, 0, 0, [None] * self.plan.workers)
-        else:
-            dataset = _Dataset(worker, self._epoch, self._step, list(self._cursors))
+        if self.train:
+            return super().__iter__()
+        return self._evaluation_pass()
+
+    def _data_loader(self, dataset: IterableDataset) -> DataLoader:
         nw = self.cfg.num_workers
-        loader = DataLoader(
+        return DataLoader(
             dataset,
             batch_size=None,
             num_workers=nw,
@@ -686,31 +661,36 @@ class ShardLoader:
             generator=torch.Generator(),
             worker_init_fn=ignore_job_signals if nw > 0 else None,
         )
-        return self._consume(loader, generation)
 
-    def _consume(self, loader: DataLoader, generation: int) -> Iterator[dict[str, Any]]:
-        steps = self.steps_per_epoch
-        W = self.plan.workers
-        for batch in loader:
-            if generation != self._generation:
-                return  # a newer iter() or load_state_dict took over
-            meta = batch.pop("_meta")
-            for reason, n in meta["skipped"].items():
-                self.skip_reasons[reason] += n
-                self.skipped += n
-            if self.train:
-                if (meta["epoch"], meta["step"]) != (self._epoch, self._step):
-                    raise RuntimeError(
-                        f"loader order broken: got epoch {meta['epoch']} step {meta['step']}, "
-                        f"expected epoch {self._epoch} step {self._step}"
-                    )
-                self._cursors[self._step % W] = meta["cursor"]
-                self._step += 1
-                if self._step == steps:
-                    self._epoch += 1
-                    self._step = 0
-                    self._cursors = [0] * W
+    def _worker(self) -> _Worker:
+        return _Worker(self.plan, self.transform, self.cfg.views, self.cfg.max_words)
+
+    def batches(self, epoch: int, step: int) -> Iterator[dict[str, Any]]:
+        yield from self._data_loader(_Dataset(self._worker(), epoch, step, list(self._cursors)))
+
+    def _evaluation_pass(self) -> Iterator[dict[str, Any]]:
+        """One finite, unshuffled, unpadded pass; the training position is left alone."""
+        for batch in self._data_loader(_Dataset(self._worker(), 0, 0, [None] * self.plan.workers)):
+            self._count_skips(batch.pop("_meta"))
             yield batch
+
+    def _count_skips(self, meta: dict[str, Any]) -> None:
+        for reason, n in meta["skipped"].items():
+            self.skip_reasons[reason] += n
+            self.skipped += n
+
+    def on_batch(self, batch: dict[str, Any]) -> None:
+        meta = batch.pop("_meta")
+        self._count_skips(meta)
+        if (meta["epoch"], meta["step"]) != (self._epoch, self._step):
+            raise RuntimeError(
+                f"loader order broken: got epoch {meta['epoch']} step {meta['step']}, "
+                f"expected epoch {self._epoch} step {self._step}"
+            )
+        self._cursors[self._step % self.plan.workers] = meta["cursor"]
+
+    def on_epoch_end(self) -> None:
+        self._cursors = [0] * self.plan.workers
 
     def __repr__(self) -> str:
         return (

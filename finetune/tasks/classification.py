@@ -274,10 +274,10 @@ def classify(backbone: nn.Module, images: torch.Tensor) -> torch.Tensor:
 
 
 # ============================================================================ loader
-class LabelLoader:
+class LabelLoader(CaptionLoader):
     """The engine's loader protocol over a :class:`ClassificationSet`, adding ``label`` to each batch.
 
-    Reuses :class:`finetune.data.CaptionLoader` (seeded epoch permutation dealt to ranks, exact resume, per-row
+    A :class:`finetune.data.CaptionLoader` (seeded epoch permutation dealt to ranks, exact resume, per-row
     augmentation generators, unreadable images reported and replaced) with one caption per image: its index.
     """
 
@@ -285,30 +285,12 @@ class LabelLoader:
                  num_workers: int) -> None:  # fmt: skip
         entries = [Entry(image=ref, captions=[str(i)], key=i) for i, ref in enumerate(data.refs)]
         self.labels = torch.tensor(data.labels, dtype=torch.long)
-        self.inner = CaptionLoader(entries, data.store, transform, batch_size=batch_size, seed=seed, rank=rank,
-                                   world_size=world, num_workers=num_workers)  # fmt: skip
+        super().__init__(entries, data.store, transform, batch_size=batch_size, seed=seed, rank=rank,
+                         world_size=world, num_workers=num_workers)  # fmt: skip
 
-    steps_per_epoch = property(lambda self: self.inner.steps_per_epoch)
-    skipped = property(lambda self: self.inner.skipped)
-    epoch = property(lambda self: self.inner._epoch)
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.inner.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.inner.load_state_dict(state)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.inner.set_epoch(epoch)
-
-    def __len__(self) -> int:
-        return len(self.inner)
-
-    def __iter__(self):
-        for batch in self.inner:
-            # image_id is the item index (CaptionLoader maps keys 0..N-1 in order)
-            batch["label"] = self.labels[batch["image_id"]]
-            yield batch
+    def on_batch(self, batch: dict[str, Any]) -> None:
+        super().on_batch(batch)
+        batch["label"] = self.labels[batch["image_id"]]  # image_id is the item index (keys map to 0..N-1 in order)
 
 
 # ============================================================================ the task

@@ -14,6 +14,7 @@ from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 from launch.config import ConfigError, exists_field, exits_on_config_error, load_config, shards_field, to_dict
+from launch.recipes import register as register_recipe
 
 from .download import DownloadOptions
 from .images import DEFAULT_MAX_PIXELS, RESIZE_MODES
@@ -117,6 +118,13 @@ class BuildConfig:
             raise ConfigError("workers: must be >= 0")
 
 
+
+
+@register_recipe("data_prep build", BuildConfig)
+def load_build_config(path: str | None, overrides: Sequence[str] = ()) -> BuildConfig:
+    """The validated ``data_prep build`` recipe (also what ``python -m launch`` checks before submitting)."""
+    return load_config(BuildConfig, path, overrides)
+
 def iter_source(cfg: BuildConfig) -> Iterator[Record | Problem]:
     """The reader of ``cfg.source.format``."""
     src = cfg.source
@@ -184,7 +192,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--config", help="YAML recipe, e.g. configs/data_prep/coco.yaml")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. out.dir=data/coco workers=8")
     args = parser.parse_args(argv)
-    cfg = load_config(BuildConfig, args.config, args.overrides)
+    cfg = load_build_config(args.config, args.overrides)
     summary = run_build(cfg)
     print(summary)
     print(f"shards in {cfg.out.dir} (manifest: {os.path.join(cfg.out.dir, 'manifest.json')})")

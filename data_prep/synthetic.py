@@ -25,6 +25,7 @@ from typing import Any
 
 from launch.config import ConfigError, exits_on_config_error, load_config, to_dict
 from launch.logging import get_logger, setup_logging
+from launch.recipes import register as register_recipe
 
 from .schema import MANIFEST_NAME, SHARD_NAME, sample_key
 from .shards import write_shards
@@ -85,6 +86,13 @@ class SyntheticConfig:
         if not 1 <= self.captions_per_image <= 10:
             raise ConfigError(f"captions_per_image: must be in 1..10, got {self.captions_per_image}")
 
+
+
+
+@register_recipe("data_prep synthetic", SyntheticConfig)
+def load_synthetic_config(path: str | None, overrides: Sequence[str] = ()) -> SyntheticConfig:
+    """The validated ``data_prep synthetic`` recipe (also what ``python -m launch`` checks before submitting)."""
+    return load_config(SyntheticConfig, path, overrides)
 
 def _write_atomic(path: str, data: bytes) -> None:
     """Write via a temp file and rename, so a reader never sees half a json file."""
@@ -238,7 +246,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     setup_logging()
     try:
-        cfg = load_config(SyntheticConfig, args.config, args.overrides)
+        cfg = load_synthetic_config(args.config, args.overrides)
         log.info("config: %s", json.dumps(to_dict(cfg)))
         run(cfg)
     except RuntimeError as exc:

@@ -15,6 +15,7 @@ import yaml
 
 from finetune import tasks
 from launch.config import ConfigError, deep_merge, load_config, resolve_named_options
+from launch.recipes import register as register_recipe
 from pretrain.config import MixGenConfig, PretrainConfig
 
 
@@ -77,6 +78,7 @@ class FinetuneConfig(PretrainConfig):
         self.task = resolve_named_options("task", self.task, tasks.get, tasks.names())
 
 
+@register_recipe("finetune", FinetuneConfig)
 def load_finetune_config(path: str | Path, overrides: Sequence[str] = (), eval_only: bool = False) -> FinetuneConfig:
     """The validated fine-tuning recipe (``eval_only``: what ``--eval-only`` sets, ``eval.only=true``)."""
     extra = ["eval.only=true"] if eval_only else []

@@ -16,10 +16,13 @@ from typing import Any
 class Registry:
     """``name -> (options dataclass, object)``; ``object`` is whatever the kind needs (a build function, a class)."""
 
-    def __init__(self, kind: str, package: str, known: Sequence[str]) -> None:
+    def __init__(
+        self, kind: str, package: str, known: Sequence[str], module_of: Callable[[str], str | None] | None = None
+    ) -> None:
         self.kind = kind
         self.package = package
         self.known = tuple(known)
+        self.module_of = module_of or (lambda name: f"{package}.{name}")  # where ``name`` registers itself
         self._entries: dict[str, tuple[type, Any]] = {}
 
     def register(self, name: str, options: type) -> Callable[[Any], Any]:
@@ -35,8 +38,8 @@ class Registry:
 
     def get(self, name: str) -> tuple[type, Any]:
         """The (options dataclass, object) registered under ``name``, importing its module on first use."""
-        if name not in self._entries:
-            module = f"{self.package}.{name}"
+        module = self.module_of(name) if name not in self._entries else None
+        if module:
             try:
                 importlib.import_module(module)
             except ModuleNotFoundError as exc:

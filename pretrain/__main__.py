@@ -12,7 +12,7 @@ import argparse
 import json
 import sys
 
-from launch.config import ConfigError, exits_on_config_error, load_config
+from launch.config import exits_on_config_error
 from launch.logging import quiet_libraries, setup_logging
 
 
@@ -27,11 +27,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 @exits_on_config_error
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from pretrain.config import PretrainConfig
+    from pretrain.config import load_pretrain_config
 
-    cfg = load_config(PretrainConfig, args.config, args.overrides)
-    if not cfg.data.shards:
-        raise ConfigError("data.shards: required (a path, glob or brace pattern of .tar shards)")
+    cfg = load_pretrain_config(args.config, args.overrides)
     log = setup_logging()
     quiet_libraries()
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import Any, Literal
 
-from launch.config import ConfigError, RunConfig, resolve_named_options, shards_field, validate_tree
+from launch.config import ConfigError, RunConfig, load_config, resolve_named_options, shards_field, validate_tree
+from launch.recipes import register as register_recipe
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -92,6 +94,15 @@ class PretrainConfig:
     def validate(self, recipe: Any) -> None:
         # the sections, and the model options resolved here, are validated next by the walk of launch.config
         self.model = _model_options(self.model)
+
+
+@register_recipe("pretrain", PretrainConfig)
+def load_pretrain_config(path: str | None, overrides: Sequence[str] = ()) -> PretrainConfig:
+    """The validated pretraining recipe (also what ``python -m launch`` checks before submitting)."""
+    cfg = load_config(PretrainConfig, path, overrides)
+    if not cfg.data.shards:
+        raise ConfigError("data.shards: required (a path, glob or brace pattern of .tar shards)")
+    return cfg
 
 
 def _model_options(model: Any) -> Any:

@@ -183,6 +183,22 @@ def test_preflight_check_rejects_a_bad_stage_key_before_submitting(tmp_path):
     assert not (tmp_path / "run" / "slurm").exists()  # nothing submitted, nothing written
 
 
+def test_preflight_check_validates_through_the_entry_registry(tmp_path, monkeypatch):
+    """The entry's own registered loader validates (its extra checks too); a loader that cannot be found is an
+    error, never a silently skipped check."""
+    from launch import recipes
+
+    cfg = LaunchConfig(cluster="local", tasks_per_node=1)
+    recipe = REPO / "configs/pretrain/clip_tiny.yaml"
+    with pytest.raises(ConfigError, match="data.shards: required"):  # a check of pretrain's loader, not the schema
+        submit(Entry("pretrain"), recipe, [f"run.dir={tmp_path / 'run'}", "data.shards=null"], cfg, check=True)
+    monkeypatch.setitem(recipes.MODULES, "pretrain", "pretrain.no_such_module")
+    monkeypatch.setattr(recipes._RECIPES, "_entries", {})
+    with pytest.raises(ConfigError, match="registers no recipe loader"):
+        submit(Entry("pretrain"), recipe, [f"run.dir={tmp_path / 'run'}"], cfg, check=True)
+    assert not (tmp_path / "run" / "slurm").exists()
+
+
 # ------------------------------------------------------------------------------------------- distributed env
 
 

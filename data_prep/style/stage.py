@@ -53,6 +53,7 @@ from launch.config import (
 )
 from launch.dist import detect_env
 from launch.logging import setup_logging
+from launch.recipes import register as register_recipe
 
 from ..paths import PathError, check_member_key
 from ..schema import IMAGE_EXTS, captions_of
@@ -168,6 +169,13 @@ class StageConfig:
 
 
 # --------------------------------------------------------------------------------------------------- model
+
+
+@register_recipe("data_prep style", StageConfig)
+def load_stage_config(path: str | None, overrides: Sequence[str] = ()) -> StageConfig:
+    """The validated ``data_prep style`` recipe (also what ``python -m launch`` checks before submitting)."""
+    return load_config(StageConfig, path, overrides)
+
 def _sha256(path: str) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -656,7 +664,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(list(argv) if argv is not None else None)
     env = detect_env()
     setup_logging(env.rank)
-    cfg = load_config(StageConfig, args.config, args.overrides)
+    cfg = load_stage_config(args.config, args.overrides)
     summary = run(cfg)
     log.info("style stage done: %s", json.dumps(summary, default=str))
     return 0

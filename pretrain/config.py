@@ -69,6 +69,8 @@ class TrainConfig:
     max_nonfinite: int = 5  # consecutive non-finite losses before stopping
     keep_checkpoints: int = 3  # newest checkpoints kept in run.dir/checkpoints
     export: bool = True  # write final weights as safetensors
+    # peak FLOP/s of one device, for the logged MFU (dense bf16: H100 SXM 9.89e14, A100 3.12e14); 0: no MFU
+    peak_flops: float = 0.0
 
 
 @dataclasses.dataclass

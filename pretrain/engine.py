@@ -46,6 +46,7 @@ from launch.config import ConfigError, deep_merge, save_config
 from launch.dist import init_distributed
 from launch.files import atomic_write_bytes, atomic_write_json
 from launch.rng import rng_state, seed_everything, set_rng_state
+from pretrain.flops import ForwardFlops, mfu, training_flops_per_sample
 
 log = logging.getLogger("vlp.engine")
 
@@ -238,6 +239,8 @@ class Trainer:
         self._batch_skipped = 0  # from batch["skipped"], for loaders without a cumulative ``skipped`` counter
         self.last_eval: dict[str, Any] = {}
         self.extra_summary: dict[str, Any] = {}  # what the model's on_train_end hook returned
+        self.flops = ForwardFlops()
+        self.flops_per_sample: float | None = None
         self._restore()
 
     # -- setup ------------------------------------------------------------------------------------------------
@@ -384,7 +387,13 @@ class Trainer:
                 from pretrain.mixgen import apply_mixgen
 
                 batch = apply_mixgen(raw, mixcfg, seed=int(cfg.run.seed), step=self.state.step, rank=self.rank)
-            out = self.engine(self._to_device(batch))
+            device_batch = self._to_device(batch)
+            if self.flops.total is None:
+                with self.flops.count():  # once per run: the forward FLOPs of one micro-batch
+                    out = self.engine(device_batch)
+                self.flops_per_sample = training_flops_per_sample(self.flops.total, len(batch["image"]))
+            else:
+                out = self.engine(device_batch)
             bad, stop, loss, objectives = self._agree(out["loss"], out.get("losses", {}))
             preempted = preempted or stop
             if bad:
@@ -516,10 +525,17 @@ class Trainer:
         scale = step_losses[-1][2]
         if scale is not None:
             scalars["logit_scale"] = float(scale)
-        monitor.scalars(step, scalars)
+        compute: dict[str, float] = {}
+        if self.flops_per_sample is not None:
+            compute["flops_per_sample"] = self.flops_per_sample
+            util = mfu(self.flops_per_sample, sps / self.world, float(self.cfg.train.peak_flops))
+            if util is not None:
+                compute["mfu"] = util
+        monitor.scalars(step, {**scalars, **compute})
         monitor.jsonl(
-            {"step": step, "loss": loss, **objectives, "lr": lr, "samples_per_s": sps, "grad_norm": grad_norm}
-        )
+            {"step": step, "loss": loss, **objectives, "lr": lr, "samples_per_s": sps, "grad_norm": grad_norm,
+             **compute}
+        )  # fmt: skip
         if monitor.has_progress_bar:
             monitor.progress(step, {"loss": loss, "lr": lr, "sps": sps})
         elif self.rank == 0:
@@ -569,6 +585,7 @@ class Trainer:
             "resumed_from": self.resumed_from,
             "preempted": preempted,
             "last_grad_norm": grad_norm,
+            "flops_per_sample": self.flops_per_sample,
             "tensorboard": str(self.run_dir / "tensorboard"),
         }
         if self.last_eval:

@@ -219,6 +219,7 @@ def test_config_checks():
 # ------------------------------------------------------------------------------------------- end to end
 
 
+@pytest.mark.slow
 def test_policy_sweep_end_to_end(synthetic, style_checkpoint, tmp_path):
     run_dir = tmp_path / "sweep"
     proc = subprocess.run(

@@ -142,7 +142,14 @@ def test_model_keys_left_out_are_inherited_from_the_pretrain_run(tmp_path):
     cfg = load_config(
         FinetuneConfig,
         None,
-        ["model.name=clip", f"model.init={run}", "model.embed_dim=32", "task.name=retrieval", "task.test_json=t.json"],
+        [
+            "model.name=clip",
+            f"model.init={run}",
+            "model.embed_dim=32",
+            "task.name=retrieval",
+            "task.test_json=t.json",
+            "eval.only=true",
+        ],
         check_paths=False,
     )
     assert cfg.model.text_pool == "mean" and cfg.model.vision.name == "resnet10t"
@@ -151,7 +158,7 @@ def test_model_keys_left_out_are_inherited_from_the_pretrain_run(tmp_path):
     other = load_config(
         FinetuneConfig,
         None,
-        ["model.name=albef", f"model.init={run}", "task.name=retrieval", "task.test_json=t.json"],
+        ["model.name=albef", f"model.init={run}", "task.name=retrieval", "task.test_json=t.json", "eval.only=true"],
         check_paths=False,
     )
     assert other.model.name == "albef" and other.model.embed_dim != 48  # another model's run is not mixed in

@@ -183,6 +183,7 @@ def full_run(data, tmp_path_factory) -> Path:
     return run_dir
 
 
+@pytest.mark.slow  # the full_run fixture trains the style network in a subprocess
 def test_engine_run_writes_a_checkpoint_the_stage_loads(full_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -115,7 +115,7 @@ def _clip_args(shards: Path, run_dir: Path) -> list[str]:
         "data.image_size=32", "model.image_size=32", "model.vision.kwargs.channels=[8,16,32,64]",
         "model.text.config.num_hidden_layers=1", "model.embed_dim=32",
         "train.max_steps=12", "train.checkpoint_every=4", "train.log_every=1", "train.warmup_steps=3",
-        "mixgen.image_log_every=6", "train.keep_checkpoints=2",
+        "mixgen.image_log_every=6", "train.keep_checkpoints=2", "train.peak_flops=1e9",
     ]  # fmt: skip
 
 
@@ -153,6 +153,12 @@ def test_sigkilled_run_resumes_exactly(resume_runs):
     tags = sorted(p.name for p in (killed / "checkpoints").iterdir() if p.is_dir())
     assert tags == ["step12", "step8"]
     assert (killed / "checkpoints" / "latest").read_text() == "step12"
+    # model FLOPs per sample (counted once per run, the same in both) and MFU beside samples/s, every logged step
+    rows = read_metrics(full) + read_metrics(killed)
+    flops = {r["flops_per_sample"] for r in rows}
+    assert len(flops) == 1 and flops.pop() > 1e6
+    for r in rows:
+        assert r["mfu"] == pytest.approx(r["flops_per_sample"] * r["samples_per_s"] / 2 / 1e9)  # 2 ranks
 
 
 @pytest.mark.slow

@@ -216,3 +216,32 @@ def write_examples(path: str | Path, rows: Sequence[dict[str, Any]], store: Imag
     path.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(path)
     return path
+
+
+# ============================================================================ engine and report helpers
+def head_param_groups(model: nn.Module, weight_decay: float, lr: float, head_mult: float,
+                      head_prefix: str) -> list[dict[str, Any]]:  # fmt: skip
+    """The engine's AdamW groups with the new head's parameters at ``lr * head_mult`` (ViLT's ``lr_mult``)."""
+    from pretrain.engine import param_groups
+
+    groups = []
+    for g in param_groups(model, weight_decay):
+        names = {id(p): n for n, p in model.named_parameters()}
+        head = [p for p in g["params"] if names[id(p)].startswith(head_prefix)]
+        rest = [p for p in g["params"] if not names[id(p)].startswith(head_prefix)]
+        if rest:
+            groups.append({**g, "params": rest})
+        if head:
+            groups.append({**g, "params": head, "lr": lr * head_mult})
+    return groups
+
+
+def results_table(results: dict[str, dict[str, Any]], cols: Sequence[str]) -> str:
+    """A fixed-width table of ``cols`` per evaluated split (missing values blank)."""
+    widths = [max(8, len(c) + 2) for c in cols]
+    lines = ["split".ljust(12) + "".join(c.rjust(w) for c, w in zip(cols, widths))]
+    for name, m in results.items():
+        if isinstance(m, dict):
+            cells = [f"{m[c]:{w}.2f}" if isinstance(m.get(c), (int, float)) else " " * w for c, w in zip(cols, widths)]
+            lines.append(name.ljust(12) + "".join(cells))
+    return "\n".join(lines)

@@ -353,7 +353,7 @@ def test_decoder_resume_after_sigkill_matches_uninterrupted_run_and_evalai_file(
     recipe = _vqa_recipe(tmp_path, vqa_data)
     args = ["-m", "finetune", "--config", str(recipe), "data.batch_size=4", "data.num_workers=0",
             "train.max_steps=4", "train.checkpoint_every=2", "train.log_every=1", "train.warmup_steps=1",
-            "eval.every=100", "eval.k_test=8", "eval.qualitative=2", "task.min_answer_count=2",
+            "eval.every=100", "eval.k_test=10", "eval.qualitative=2", "task.min_answer_count=2",
             *[f"{k}={v}" for k, v in TINY_ALBEF.items()]]  # fmt: skip
     full, killed = tmp_path / "full", tmp_path / "killed"
     proc = run_torchrun([*args, f"run.dir={full}"], timeout=600)

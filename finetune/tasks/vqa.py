@@ -68,10 +68,12 @@ from finetune.pairs import (
     MLPHead,
     feature_dim,
     fused_states,
+    head_param_groups,
     head_style,
     model_kind,
     pair_features,
     predict_items,
+    results_table,
     write_examples,
 )
 from finetune.tasks import TaskOptions, register
@@ -427,23 +429,6 @@ class VqaModel(nn.Module):
         return {f"backbone.{n}" for n in fn()} if callable(fn) else set()
 
 
-def head_param_groups(model: nn.Module, weight_decay: float, lr: float, head_mult: float,
-                      head_prefix: str) -> list[dict[str, Any]]:  # fmt: skip
-    """The engine's AdamW groups with the new head's parameters at ``lr * head_mult`` (ViLT's ``lr_mult``)."""
-    from pretrain.engine import param_groups
-
-    groups = []
-    for g in param_groups(model, weight_decay):
-        names = {id(p): n for n, p in model.named_parameters()}
-        head = [p for p in g["params"] if names[id(p)].startswith(head_prefix)]
-        rest = [p for p in g["params"] if not names[id(p)].startswith(head_prefix)]
-        if rest:
-            groups.append({**g, "params": rest})
-        if head:
-            groups.append({**g, "params": head, "lr": lr * head_mult})
-    return groups
-
-
 # ============================================================================ the task
 @register("vqa", VqaOptions)
 class VqaTask:
@@ -665,13 +650,3 @@ class VqaTask:
 
     def table(self, results: dict[str, dict[str, Any]]) -> str:
         return results_table(results, ["vqa_acc", "acc_yes_no", "acc_number", "acc_other", "majority_acc"])
-
-
-def results_table(results: dict[str, dict[str, Any]], cols: Sequence[str]) -> str:
-    """A fixed-width table of ``cols`` per evaluated split (missing values blank)."""
-    lines = ["split".ljust(12) + "".join(c.rjust(14) for c in cols)]
-    for name, m in results.items():
-        if isinstance(m, dict):
-            cells = [f"{m[c]:14.2f}" if isinstance(m.get(c), (int, float)) else " " * 14 for c in cols]
-            lines.append(name.ljust(12) + "".join(cells))
-    return "\n".join(lines)

@@ -378,3 +378,28 @@ def test_decoder_resume_after_sigkill_matches_uninterrupted_run_and_evalai_file(
     assert [r["question_id"] for r in result] == [it.question_id for it in items]
     assert all(isinstance(r["answer"], str) and r["answer"] for r in result)
     assert (full / "vqa_test_examples.png").stat().st_size > 0
+
+
+# ------------------------------------------------------------------------------------------ recipes
+RECIPES = sorted(str(p) for p in Path("configs/finetune").glob("v[qe]*_*.yaml"))
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_recipes_validate_and_never_flip(recipe):
+    from finetune import tasks
+    from finetune.config import FinetuneConfig
+    from launch.config import load_config
+
+    cfg = load_config(FinetuneConfig, recipe, check_paths=False)
+    assert cfg.task.name == ("vqa" if "/vqa_" in recipe else "entailment")
+    assert cfg.eval.metric == ("vqa_acc" if cfg.task.name == "vqa" else "acc") and not cfg.mixgen.enabled
+    _, task_cls = tasks.get(cfg.task.name)
+    transform = task_cls(cfg).train_transform()
+    assert getattr(transform, "flip", False) is False  # questions and hypotheses name left/right
+
+
+def test_recipe_set_is_complete():
+    names = {Path(r).stem for r in RECIPES}
+    for task in ("vqa", "ve"):
+        assert {f"{task}_synthetic", f"{task}_albef", f"{task}_tcl", f"{task}_vilt"} <= names
+        assert {f"{task}_synthetic_{m}" for m in ("tcl", "vilt", "clip")} <= names

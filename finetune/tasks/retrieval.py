@@ -4,8 +4,9 @@ Training (``RetrievalModel``):
 
 * ITC for every model with an embedding space (CLIP, ALBEF, TCL): captions of the same image are all positives,
   targets ``pos / pos.sum(1)`` (ALBEF's ``idx``-aware targets), rows of this rank against the columns of all
-  ranks (autograd-aware gather); temperature = the model's (CLIP ``logit_scale``, ALBEF ``temp``). No momentum
-  distillation or queue (ALBEF's retrieval model has both; at fine-tuning batch sizes we keep it in-batch).
+  ranks (autograd-aware gather); temperature = the model's (CLIP ``logit_scale``, ALBEF ``temp``). ALBEF/TCL add
+  ALBEF's momentum distillation (``task.distill``, :mod:`finetune.distill`): targets ``alpha * softmax(momentum
+  similarities) + (1 - alpha) * id targets``, in-batch (ALBEF also keeps a feature queue; we do not).
 * ITM for fusion models: per text a hard negative image and per image a hard negative text drawn from the ITC
   similarities, never of the same image id (ALBEF's masking of same-``idx`` pairs); ViLT (no ITC) draws its
   negative images uniformly among other image ids. Loss = ``itc_weight * ITC + itm_weight * ITM``.

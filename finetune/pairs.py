@@ -26,6 +26,13 @@ from pretrain.models.momentum import autocast_like
 log = logging.getLogger("vlp.finetune.pairs")
 
 
+def spaced(items: Sequence[Any], limit: int) -> list[Any]:
+    """``limit`` evenly spaced items (all when ``limit`` is 0 or not smaller), order kept."""
+    if limit <= 0 or limit >= len(items):
+        return list(items)
+    return [items[(i * len(items)) // limit] for i in range(limit)]
+
+
 def model_kind(model: nn.Module) -> str:
     """``dual`` (CLIP), ``fusion`` (ALBEF/TCL) or ``single`` (ViLT)."""
     if not hasattr(model, "fuse"):

@@ -49,6 +49,7 @@ from finetune.pairs import (
     pair_features,
     predict_items,
     results_table,
+    spaced,
     write_examples,
 )
 from finetune.tasks import TaskOptions, register
@@ -74,6 +75,7 @@ class EntailmentOptions(TaskOptions):
     alpha_warmup: bool = False  # ALBEF's VE recipe: alpha constant from the first step
     head_lr_mult: float = 1.0
     synthetic_seed: int = 0
+    eval_limit: int = 0  # evaluate this many evenly spaced items of val/test (0: all; quick CPU runs)
 
     def validate(self) -> None:
         if not 0.0 <= self.alpha <= 1.0:
@@ -264,7 +266,8 @@ class EntailmentTask:
             path = self.json_of(split)
             if not path:
                 raise ConfigError(f"task.{split}_json: not set, cannot use split {split!r}")
-            self._items[split] = read_ve(path, split, max_words=self.opts.max_words, seed=self.opts.synthetic_seed)[0]
+            items = read_ve(path, split, max_words=self.opts.max_words, seed=self.opts.synthetic_seed)[0]
+            self._items[split] = items if split == "train" else spaced(items, self.opts.eval_limit)
         return self._items[split]
 
     def train_transform(self) -> Any:

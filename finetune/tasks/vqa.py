@@ -74,6 +74,7 @@ from finetune.pairs import (
     pair_features,
     predict_items,
     results_table,
+    spaced,
     write_examples,
 )
 from finetune.tasks import TaskOptions, register
@@ -110,6 +111,7 @@ class VqaOptions(TaskOptions):
     head_lr_mult: float = 1.0  # learning-rate multiplier of the new head (ViLT: 10)
     metric_version: Literal["official", "legacy"] = "official"
     synthetic_seed: int = 0  # seeds the question draw of the synthetic set
+    eval_limit: int = 0  # evaluate this many evenly spaced items of val/test (0: all; quick CPU runs)
 
     def validate(self) -> None:
         if self.min_answer_count < 1:
@@ -460,6 +462,8 @@ class VqaTask:
             if split == "train":
                 for extra in self.opts.extra_train_json:
                     items += read_vqa(extra, split, max_words=words, seed=seed)[0]
+            else:
+                items = spaced(items, self.opts.eval_limit)
             self._items[split] = items
         return self._items[split]
 

@@ -2,7 +2,8 @@
 
 ``run`` trains and evaluates every (arm, seed) not finished yet, through the project's entry points, locally or on
 slurm (``launcher: slurm``); ``report`` writes tables with 95 % intervals, paired differences, plots and a JSON of
-every number to ``<results>/<name>/``. A recipe error is one line on stderr and exit status 2, before any work.
+every number to ``<results>/<name>/``; ``practice`` regenerates docs/practice.md from every report. A recipe
+error is one line on stderr and exit status 2, before any work.
 """
 
 from __future__ import annotations
@@ -23,13 +24,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     run_p.add_argument("--dry-run", action="store_true", help="print the commands that would run")
     run_p.add_argument("--no-report", action="store_true", help="do not write the report afterwards")
     rep_p = sub.add_parser("report", help="aggregate finished runs into <results>/<name>/")
+    pr_p = sub.add_parser("practice", help="generate docs/practice.md from experiments/results/")
+    pr_p.add_argument("--out", default="docs/practice.md")
+    pr_p.add_argument("--recipes", default="experiments/recipes")
+    pr_p.add_argument("--results", default="experiments/results")
     for p in (run_p, rep_p):
         p.add_argument("spec", help="experiment YAML, e.g. experiments/mixgen_web_clip.yaml")
         p.add_argument("overrides", nargs="*", help="key=value overrides of the experiment, e.g. seeds=[0,1]")
     args = parser.parse_args(argv)
-    from experiments import report, runner
+    from pathlib import Path
+
+    from experiments import practice, report, runner
     from experiments.spec import load_spec
 
+    if args.command == "practice":
+        try:
+            out_md = practice.main(Path(args.out), Path(args.recipes), Path(args.results))
+        except ConfigError as exc:
+            print(f"config error: {exc}", file=sys.stderr)
+            return 2
+        print(f"practice guide: {out_md}")
+        return 0
     command = shlex.join(["python", "-m", "experiments", "run", args.spec, *args.overrides])
     try:
         spec = load_spec(args.spec, args.overrides)

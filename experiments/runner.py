@@ -94,7 +94,11 @@ def data_dir(spec: ExperimentSpec, arm: Arm) -> Path | None:
     """The data set of ``arm``: ``<out>/_data/<hash of recipe + overrides>`` (shared by arms with the same data)."""
     if spec.data is None:
         return None
-    key = json.dumps([spec.data.config, Path(spec.data.config).read_text(), spec.data.overrides, arm.overrides("data")])
+    from launch.config import read_yaml
+
+    # the recipe's content (not its comments) and the overrides name the set
+    content = read_yaml(spec.data.config)
+    key = json.dumps([spec.data.config, content, spec.data.overrides, arm.overrides("data")], sort_keys=True)
     return Path(spec.out) / "_data" / hashlib.sha256(key.encode()).hexdigest()[:12]
 
 
@@ -128,7 +132,8 @@ def stages(spec: ExperimentSpec, arm: Arm, seed: int) -> list[Stage]:
     if spec.pretrain is not None:
         over = _fill([*spec.pretrain.overrides, *arm.overrides("pretrain")], values)
         over += [f"run.dir={pre}", f"run.seed={seed}"]
-        out.append(Stage("pretrain", pre, Entry("pretrain"), spec.pretrain.config, over, spec.pretrain.nproc))
+        recipe = arm.pretrain_config(spec.pretrain.config)
+        out.append(Stage("pretrain", pre, Entry("pretrain"), recipe, over, spec.pretrain.nproc))
     for ev in spec.evals:
         out.append(eval_stage(spec, ev, arm, root, pre, values))
     return out
@@ -151,20 +156,39 @@ def _pretrain_model_name(spec: ExperimentSpec, arm: Arm) -> str | None:
     from launch.local import stage_tree
 
     assert spec.pretrain is not None
-    model = stage_tree(spec.pretrain.config, [*spec.pretrain.overrides, *arm.overrides("pretrain")]).get("model")
+    recipe = arm.pretrain_config(spec.pretrain.config)
+    model = stage_tree(recipe, [*spec.pretrain.overrides, *arm.overrides("pretrain")]).get("model")
     return str(model["name"]) if isinstance(model, dict) and model.get("name") else None
 
 
+def _header(path: Path) -> dict[str, str]:
+    if path.suffix != ".safetensors":
+        return {}
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as fh:
+        return dict(fh.metadata() or {})
+
+
 def check_requirements(spec: ExperimentSpec) -> None:
-    """Refuse, before any work, when a required file (a trained style network, ...) is missing."""
-    missing = [r for r in spec.requires if not Path(r.path).exists()]
-    if missing:
-        lines = [f"experiment {spec.name!r} cannot run: nothing was started."]
-        for r in missing:
+    """Refuse, before any work, when a required file (a trained style network, ...) is missing or untrained."""
+    lines = []
+    for r in spec.requires:
+        path = Path(r.path)
+        if not path.exists():
             lines.append(f"  needs {r.what or 'a file'} at {r.path}, which does not exist")
-            if r.make:
-                lines.append(f"  make it with: {r.make}")
-        raise ConfigError("\n".join(lines))
+        else:
+            header = _header(path)
+            bad = {k: v for k, v in r.refuse_metadata.items() if header.get(k) == v}
+            if not bad:
+                continue
+            lines.append(
+                f"  needs {r.what or 'a file'}: {r.path} is not one ({', '.join(f'{k}={v}' for k, v in bad.items())})"
+            )
+        if r.make:
+            lines.append(f"  make it with: {r.make}")
+    if lines:
+        raise ConfigError("\n".join([f"experiment {spec.name!r} cannot run: nothing was started.", *lines]))
 
 
 def subprocess_env() -> dict[str, str]:

@@ -64,6 +64,7 @@ class Level:
     data: list[str] = dataclasses.field(default_factory=list)
     pretrain: list[str] = dataclasses.field(default_factory=list)
     evals: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+    pretrain_config: str | None = None  # another pretrain recipe for this level (e.g. one per model)
 
 
 @dataclasses.dataclass
@@ -80,6 +81,9 @@ class Requirement:
     path: str = ""
     what: str = ""
     make: str = ""
+    # safetensors header values that mean the file is not what is needed, e.g. {vgg_weights: random}: a style
+    # network trained against a random loss network has learnt no style space
+    refuse_metadata: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -131,7 +135,7 @@ class ExperimentSpec:
                     raise ConfigError(f"factors[{i}].levels[{j}].evals: {unknown} are not among evals {names}")
                 if lv.data and self.data is None:
                     raise ConfigError(f"factors[{i}].levels[{j}].data: the experiment has no data section")
-                if lv.pretrain and self.pretrain is None:
+                if (lv.pretrain or lv.pretrain_config) and self.pretrain is None:
                     raise ConfigError(f"factors[{i}].levels[{j}].pretrain: the experiment has no pretrain section")
             if f.control is not None and f.control not in lnames:
                 raise ConfigError(f"factors[{i}].control: {f.control!r} is not one of its levels {lnames}")
@@ -161,6 +165,11 @@ class Arm:
 
     def level(self, factor: str) -> Level:
         return dict(self.levels)[factor]
+
+    def pretrain_config(self, default: str) -> str:
+        """The pretrain recipe: the last level that names one, else the experiment's."""
+        chosen = [lv.pretrain_config for _, lv in self.levels if lv.pretrain_config]
+        return chosen[-1] if chosen else default
 
     def overrides(self, stage: str) -> list[str]:
         out: list[str] = []

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from helpers import REPO, subprocess_env
 
 from experiments.spec import arms, control_of, load_spec
@@ -33,7 +34,8 @@ def test_t_interval_matches_hand_computation():
     assert s.n == 3 and s.mean == pytest.approx(mean) and s.sd == pytest.approx(sd)
     assert s.half == pytest.approx(4.302653 * sd / math.sqrt(3), rel=1e-4)  # t_{0.975, 2}
     assert t_quantile_975(1) == pytest.approx(12.7062) and t_quantile_975(30) == pytest.approx(2.0423)
-    assert t_quantile_975(60) == pytest.approx(2.0003, abs=2e-4) and t_quantile_975(1000) == pytest.approx(1.9623, abs=2e-4)
+    assert t_quantile_975(60) == pytest.approx(2.0003, abs=2e-4)
+    assert t_quantile_975(1000) == pytest.approx(1.9623, abs=2e-4)
     assert summarize([5.0]).n == 1 and math.isnan(summarize([5.0]).half)
     diffs, d = paired({0: 10.0, 1: 12.0, 2: 9.0}, {0: 11.0, 1: 8.0, 3: 1.0})  # seed 2 and 3 unpaired: left out
     assert diffs == {0: -1.0, 1: 4.0} and d.n == 2 and d.mean == pytest.approx(1.5)
@@ -88,9 +90,10 @@ def test_two_arm_two_seed_experiment_end_to_end(tmp_path):
             per_run[(arm.name, seed)] = test["rsum"]
             assert json.loads((root / "metrics.json").read_text())["metrics"]["zeroshot.rsum"] == test["rsum"]
     # the two seeds trained differently (run.seed reaches the engine)
-    assert per_run[("mixgen-off", 0)] != per_run[("mixgen-off", 1)] or per_run[("mixgen-on", 0)] != per_run[
-        ("mixgen-on", 1)
-    ]
+    assert (
+        per_run[("mixgen-off", 0)] != per_run[("mixgen-off", 1)]
+        or per_run[("mixgen-on", 0)] != per_run[("mixgen-on", 1)]
+    )
     # the report: numbers recomputed here from the runs' own results.json
     report = json.loads((results / "smoke" / "results.json").read_text())
     on = report["metrics"]["zeroshot.rsum"]["mixgen-on"]
@@ -130,3 +133,20 @@ def test_report_lists_missing_runs(tmp_path):
     assert data["metrics"]["zeroshot.rsum"]["mixgen-off"]["n"] == 1
     assert data["metrics"]["zeroshot.rsum"]["mixgen-on"]["n"] == 0
     assert len(data["missing"]) == 3 and "(n=1, no interval)" in (out / "README.md").read_text()
+
+
+def test_untrained_style_network_is_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    from experiments.runner import check_requirements
+    from experiments.spec import Requirement
+
+    ckpt = tmp_path / "style_checkpoint.safetensors"
+    save_file({"transformer.w": torch.zeros(2)}, str(ckpt), metadata={"vgg_weights": "random"})
+    spec = load_spec(REPO / "experiments/recipes/style_policies_stl10.yaml")
+    assert spec.requires[0].refuse_metadata == {"vgg_weights": "random"}  # the recipe guards against it
+    spec.requires = [Requirement(str(ckpt), "a trained style network", "", {"vgg_weights": "random"})]
+    with pytest.raises(ConfigError, match="is not one \\(vgg_weights=random\\)"):
+        check_requirements(spec)
+    save_file({"transformer.w": torch.zeros(2)}, str(ckpt), metadata={"vgg_weights": "torchvision"})
+    check_requirements(spec)  # trained against the real loss network: accepted

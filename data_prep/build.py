@@ -118,12 +118,11 @@ class BuildConfig:
             raise ConfigError("workers: must be >= 0")
 
 
-
-
 @register_recipe("data_prep build", BuildConfig)
 def load_build_config(path: str | None, overrides: Sequence[str] = ()) -> BuildConfig:
     """The validated ``data_prep build`` recipe (also what ``python -m launch`` checks before submitting)."""
     return load_config(BuildConfig, path, overrides)
+
 
 def iter_source(cfg: BuildConfig) -> Iterator[Record | Problem]:
     """The reader of ``cfg.source.format``."""

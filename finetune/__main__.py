@@ -1,7 +1,8 @@
 """``torchrun -m finetune --config configs/finetune/<task>.yaml [--eval-only] [key=value ...]``.
 
 Fine-tuning (or, with ``--eval-only``, evaluation of ``model.init`` on ``eval.splits``): see
-:mod:`finetune.run`. A configuration error is one line on stderr and exit status 2, before any distributed setup.
+:mod:`finetune.run`. ``python -m finetune analyze <run> [<other run>]``: :mod:`finetune.analyze`. A configuration
+error is one line on stderr and exit status 2, before any distributed setup.
 """
 
 from __future__ import annotations
@@ -24,6 +25,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 @exits_on_config_error
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["analyze"]:  # python -m finetune analyze <run> [<other run>]: finetune/analyze.py
+        from finetune.analyze import main as analyze
+
+        return analyze(argv[1:])
     args = parse_args(argv)
     from finetune.config import load_finetune_config
 

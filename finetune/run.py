@@ -18,7 +18,6 @@ from typing import Any
 from finetune.backbone import load_backbone_init
 from finetune.best import BestKeeper, scalars
 from finetune.config import FinetuneConfig
-from finetune.report import text_table
 from launch.config import ConfigError
 
 log = logging.getLogger("vlp.finetune")
@@ -75,7 +74,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any] | None:
             for path in task.report(evaluated[split], split, run_dir):
                 results.setdefault("figures", []).append(str(path))
         atomic_write_json(run_dir / "results.json", results)
-        print(text_table(results["splits"], task.table_columns()))
+        print(task.table(results["splits"]))
         print(f"results: {run_dir / 'results.json'}")
     if dist.is_initialized():
         dist.barrier()
@@ -101,7 +100,9 @@ def _train(cfg: FinetuneConfig, task: Any, backbone: Any, run_dir: Path, rank: i
         return scalars(metrics)
 
     every = cfg.eval.every or loader.steps_per_epoch
-    trainer = Trainer(cfg, model, loader, evaluate=evaluate, eval_every=every)
+    groups_fn = getattr(task, "param_groups", None)  # optional: e.g. a new head at a multiple of the learning rate
+    groups = groups_fn(model) if callable(groups_fn) else None
+    trainer = Trainer(cfg, model, loader, evaluate=evaluate, eval_every=every, groups=groups)
     summary = trainer.fit()
     if summary.get("preempted"):
         log.warning("preempted: no final test evaluation; rerun the same command to resume")

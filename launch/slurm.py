@@ -43,6 +43,7 @@ from launch.recipes import loader_of
 # requeued tasks' exit status is recognisable in the logs.
 REQUEUE_EXIT_CODE = 144
 
+
 @dataclasses.dataclass
 class LaunchConfig:
     """Where and how a job runs (``configs/launch/*.yaml``; command-line flags and ``launch.<key>=`` override it)."""

@@ -176,6 +176,7 @@ def load_stage_config(path: str | None, overrides: Sequence[str] = ()) -> StageC
     """The validated ``data_prep style`` recipe (also what ``python -m launch`` checks before submitting)."""
     return load_config(StageConfig, path, overrides)
 
+
 def _sha256(path: str) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:

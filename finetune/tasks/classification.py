@@ -50,7 +50,7 @@ from finetune.classification_data import (
 )
 from finetune.data import CaptionLoader, Entry, eval_image_batches
 from finetune.metrics import accuracy
-from finetune.report import markdown_table
+from finetune.report import markdown_table, text_table
 from finetune.tasks import TaskOptions, register
 from launch.config import ConfigError, exists_field, exits_on_config_error
 from pretrain.models.encoders import vision_width
@@ -403,8 +403,8 @@ class ClassificationTask:
                 out[f"top1_{dom}"] = 100.0 * counts[k, 0].item() / max(1.0, counts[k, 1].item())
         return out
 
-    def table_columns(self) -> list[tuple[str, str]]:
-        return [("top1", "top-1")]
+    def table(self, results: dict[str, dict[str, Any]]) -> str:
+        return text_table(results, [("top1", "top-1")])
 
     def report(self, metrics: dict[str, Any], split: str, out_dir: str | Path) -> list[Path]:
         return []

@@ -113,10 +113,10 @@ def head_style(backbone: nn.Module) -> str:
 
 
 # ============================================================================ training loader
-class ItemLoader:
+class ItemLoader(CaptionLoader):
     """The engine's loader protocol over items (one image reference each), with ``index`` = the item's position.
 
-    Reuses :class:`finetune.data.CaptionLoader` (seeded epoch permutation dealt to ranks, exact resume, per-row
+    A :class:`finetune.data.CaptionLoader` (seeded epoch permutation dealt to ranks, exact resume, per-row
     augmentation generators, unreadable images reported and replaced by the next row) with one pseudo-caption per
     item; ``extra(indices)`` adds the task's fields (``text``, targets) to each batch.
     """
@@ -125,30 +125,14 @@ class ItemLoader:
                  *, batch_size: int, seed: int, rank: int, world: int, num_workers: int) -> None:  # fmt: skip
         entries = [Entry(image=ref, captions=[str(i)], key=i) for i, ref in enumerate(refs)]
         self.extra = extra
-        self.inner = CaptionLoader(entries, store, transform, batch_size=batch_size, seed=seed, rank=rank,
-                                   world_size=world, num_workers=num_workers)  # fmt: skip
+        super().__init__(entries, store, transform, batch_size=batch_size, seed=seed, rank=rank, world_size=world,
+                         num_workers=num_workers)  # fmt: skip
 
-    steps_per_epoch = property(lambda self: self.inner.steps_per_epoch)
-    skipped = property(lambda self: self.inner.skipped)
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.inner.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.inner.load_state_dict(state)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.inner.set_epoch(epoch)
-
-    def __len__(self) -> int:
-        return len(self.inner)
-
-    def __iter__(self):
-        for batch in self.inner:
-            index = batch.pop("image_id")  # CaptionLoader numbers the items 0..N-1 in order
-            batch["index"] = index
-            batch.update(self.extra(index.tolist()))
-            yield batch
+    def on_batch(self, batch: dict[str, Any]) -> None:
+        super().on_batch(batch)
+        index = batch.pop("image_id")  # CaptionLoader numbers the items 0..N-1 in order
+        batch["index"] = index
+        batch.update(self.extra(index.tolist()))
 
 
 # ============================================================================ distributed prediction

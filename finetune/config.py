@@ -67,9 +67,6 @@ class FinetuneConfig(PretrainConfig):
     def validate(self, recipe: Any) -> None:
         self.model = inherit_model_section(self.model)
         super().validate(recipe)
-        init = self.model.init
-        if init not in ("", "none") and not Path(init).exists():
-            raise ConfigError(f"model.init: path does not exist: {init}")
         if int(self.deepspeed.zero_stage) == 3:
             raise ConfigError(
                 "deepspeed.zero_stage: fine-tuning keeps the best weights from the full module state, which ZeRO-3 "
@@ -82,7 +79,11 @@ class FinetuneConfig(PretrainConfig):
 def load_finetune_config(path: str | Path, overrides: Sequence[str] = (), eval_only: bool = False) -> FinetuneConfig:
     """The validated fine-tuning recipe (``eval_only``: what ``--eval-only`` sets, ``eval.only=true``)."""
     extra = ["eval.only=true"] if eval_only else []
-    return load_config(FinetuneConfig, path, [*overrides, *extra])
+    cfg = load_config(FinetuneConfig, path, [*overrides, *extra])
+    init = cfg.model.init
+    if init not in ("", "none") and not Path(init).exists():
+        raise ConfigError(f"model.init: path does not exist: {init}")
+    return cfg
 
 
 def inherit_model_section(model: Any) -> Any:

@@ -231,7 +231,11 @@ def run(cfg: SyntheticConfig) -> list[dict[str, Any]]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: ``python -m data_prep synthetic --config configs/data_prep/synthetic.yaml [key=value ...]``."""
-    parser = argparse.ArgumentParser(prog="python -m data_prep synthetic", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m data_prep synthetic",
+        description=__doc__.split("\n")[0],
+        epilog="recipe keys and files: docs/synthetic.md",
+    )
     parser.add_argument("--config", help="YAML recipe (configs/data_prep/synthetic.yaml)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. out.dir=data/syn splits.train=500")
     args = parser.parse_args(argv)

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from launch.config import ConfigError, load_config
-from launch.logging import setup_logging
+from launch.logging import report_config_error, setup_logging
 
 log = logging.getLogger("vlp.finetune")
 
@@ -29,7 +29,11 @@ BACKBONE_PREFIX = "backbone."
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m finetune", description="Fine-tune or evaluate a pretrained model.")
+    parser = argparse.ArgumentParser(
+        prog="python -m finetune",
+        description="Fine-tune or evaluate a pretrained model.",
+        epilog="recipe keys: docs/finetune.md (task.*, eval.*); shared keys: docs/pretrain.md, docs/models.md",
+    )
     parser.add_argument("--config", required=True, help="YAML recipe, e.g. configs/finetune/retrieval_synthetic.yaml")
     parser.add_argument("--eval-only", action="store_true", help="evaluate model.init on eval.splits; no training")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
@@ -114,9 +118,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         cfg = load_config_checked(args.config, args.overrides, args.eval_only)
+        if not args.eval_only:
+            from launch.dist import detect_env
+            from pretrain.engine import check_resume
+
+            check_resume(cfg, detect_env().world_size)  # before any process group or model exists
     except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
-        return 2
+        return report_config_error(exc)
     setup_logging()
     from pretrain.__main__ import _quiet_libraries
 

@@ -27,3 +27,12 @@ def setup_logging(rank: int | None = None, level: int = logging.INFO, file: str 
 
 def get_logger(name: str) -> logging.Logger:
     return logging.getLogger(f"vlp.{name}")
+
+
+def report_config_error(exc: BaseException) -> int:
+    """Print ``config error: <exc>`` once per job (rank 0 only: every rank finds the same error) and return 2,
+    the exit status of every entry point for a configuration problem."""
+    rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))
+    if rank in ("", "0"):
+        print(f"config error: {exc}", file=sys.stderr, flush=True)
+    return 2

@@ -667,7 +667,11 @@ def run(cfg: StageConfig) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m data_prep style", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m data_prep style",
+        description=__doc__.split("\n\n")[0],
+        epilog="recipe keys: docs/style.md",
+    )
     parser.add_argument("--config", help="YAML recipe (configs/style/stage.yaml)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. style.k=2")
     args = parser.parse_args(list(argv) if argv is not None else None)

@@ -24,7 +24,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from launch.config import ConfigError, load_config, to_dict
-from launch.logging import get_logger, setup_logging
+from launch.logging import announce_run_folder, get_logger, setup_logging
 
 from .schema import MANIFEST_NAME, SHARD_NAME, sample_key
 from .shards import write_shards
@@ -242,6 +242,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging()
     try:
         cfg = load_config(SyntheticConfig, args.config, args.overrides)
+        announce_run_folder(cfg.out.dir, "output folder")
         log.info("config: %s", json.dumps(to_dict(cfg)))
         run(cfg)
     except ConfigError as exc:

@@ -207,7 +207,7 @@ def run_local(
     if error:
         raise ConfigError(error)
     cmd = torchrun_command(entry, config, overrides, nproc)
-    print(f"run folder: {out}", flush=True)
+    print(f"run folder: {os.path.abspath(out)}", flush=True)
     print(shlex.join(cmd), flush=True)
     if dry_run:
         return 0

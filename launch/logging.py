@@ -36,3 +36,15 @@ def report_config_error(exc: BaseException) -> int:
     if rank in ("", "0"):
         print(f"config error: {exc}", file=sys.stderr, flush=True)
     return 2
+
+
+def announce_run_folder(path: str | os.PathLike, what: str = "run folder") -> None:
+    """Print ``run folder: <absolute path>`` on rank 0, the first line of every run, so its outputs can be found."""
+    rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))
+    if rank in ("", "0"):
+        print(f"{what}: {os.path.abspath(os.fspath(path))}", flush=True)
+
+
+def is_rank0() -> bool:
+    """True in the process that reports for the job (rank 0, or a plain single process)."""
+    return os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) in ("", "0")

@@ -42,6 +42,7 @@ from launch.local import Entry, check_module, check_stage_config, stage_dir, sta
 # requeued tasks' exit status is recognisable in the logs.
 REQUEUE_EXIT_CODE = 144
 
+
 @dataclasses.dataclass
 class LaunchConfig:
     """Where and how a job runs (``configs/launch/*.yaml``; command-line flags and ``launch.<key>=`` override it)."""

@@ -14,7 +14,7 @@ import sys
 import warnings
 
 from launch.config import ConfigError, load_config
-from launch.logging import report_config_error, setup_logging
+from launch.logging import announce_run_folder, report_config_error, setup_logging
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -39,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError("data.shards: required (a path, glob or brace pattern of .tar shards)")
     except ConfigError as exc:
         return report_config_error(exc)
+    announce_run_folder(cfg.run.dir)
     log = setup_logging()
     _quiet_libraries()
 

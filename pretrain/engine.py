@@ -396,6 +396,7 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         """Save a checkpoint on all ranks (collective); keeps the newest ``train.keep_checkpoints``."""
         tag = f"step{self.state.step}"
+        started = time.perf_counter()
         loader_state = self.loader.state_dict() if hasattr(self.loader, "state_dict") else None
         mine = {"loader": loader_state, "rng": rng_state()}
         ranks: list[Any] = [None] * self.world
@@ -410,6 +411,7 @@ class Trainer:
             keep = max(1, int(getattr(self.cfg.train, "keep_checkpoints", 3)))
             for _, old in _complete_tags(self.ckpt_dir)[:-keep]:
                 shutil.rmtree(self.ckpt_dir / old, ignore_errors=True)
+            log.info("checkpoint saved: %s (%.1f s)", self.ckpt_dir / tag, time.perf_counter() - started)
         dist.barrier()
         return self.ckpt_dir / tag
 

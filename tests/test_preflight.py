@@ -136,8 +136,9 @@ def test_launch_help_is_one_clean_usage():
 
 @pytest.mark.parametrize(
     "entry, doc",
-    [(["pretrain"], "docs/pretrain.md"), (["finetune"], "docs/finetune.md"), (["data_prep", "build"], "docs/data_prep.md"),
-     (["data_prep", "style"], "docs/style.md"), (["data_prep", "synthetic"], "docs/synthetic.md")],
+    [(["pretrain"], "docs/pretrain.md"), (["finetune"], "docs/finetune.md"),
+     (["data_prep", "build"], "docs/data_prep.md"), (["data_prep", "style"], "docs/style.md"),
+     (["data_prep", "synthetic"], "docs/synthetic.md")],
 )  # fmt: skip
 def test_entry_help_points_to_the_docs_of_its_keys(entry, doc):
     proc = _run(["-m", *entry, "--help"])

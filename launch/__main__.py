@@ -17,7 +17,7 @@ from launch.config import ConfigError
 USAGE_LOCAL = "python -m launch local <entry> --config RECIPE [--nproc N] [--dry-run] [key=value ...]"
 USAGE_SLURM = """python -m launch slurm <entry> --config RECIPE [--nodes N] [--gpus-per-node G] [--tasks-per-node T]
                          [--partition P] [--time 4:00:00] [--account A] [--qos Q] [--constraint C] [--mem GB]
-                         [--cpus-per-task C] [--array N] [--launch-config configs/launch/X.yaml]
+                         [--cpus-per-task C] [--array N] [--launch-config configs/launch/<name>.yaml]
                          [--cluster slurm|local] [--no-check] [--wait] [key=value ...] [launch.KEY=value ...]"""
 DOCS = """entries: pretrain | finetune | data_prep build | data_prep style (any module run as `python -m MODULE [SUB]`)
 key=value overrides go to the stage recipe (keys: docs/pretrain.md, docs/finetune.md, docs/data_prep.md,

@@ -158,3 +158,53 @@ def test_shipped_recipe_paths_resolve_from_any_working_directory(tmp_path, monke
         load_config(
             StageConfig, "configs/style/stage.yaml", [f"data.shards={fake_shard}", "model.embeddings=assets/nope.pth"]
         )
+
+
+# ----------------------------------------------------------------------------------------------- resume
+def _saved_run(tmp_path: Path, fake_shard: str) -> tuple[Path, list[str]]:
+    """A run folder whose newest complete checkpoint says it was written by 2 ranks with batch 4 (the engine's
+    trainer.json), and the overrides of a run that resumes it unchanged."""
+    from pretrain.config import PretrainConfig
+    from pretrain.engine import RESUME_META, resume_meta
+
+    run = tmp_path / "run"
+    overrides = [f"run.dir={run}", f"data.shards={fake_shard}", "data.batch_size=4"]
+    cfg = load_config(PretrainConfig, CLIP, overrides)
+    tag = run / "checkpoints" / "step8"
+    tag.mkdir(parents=True)
+    (tag / RESUME_META).write_text(json.dumps(resume_meta(cfg, 2)))
+    (tag / "COMPLETE").write_text("")
+    return run, overrides
+
+
+def test_resume_mismatch_is_named_with_both_values_and_the_ways_out(tmp_path, fake_shard):
+    from pretrain.config import PretrainConfig
+    from pretrain.engine import check_resume
+
+    run, overrides = _saved_run(tmp_path, fake_shard)
+    cfg = load_config(PretrainConfig, CLIP, overrides)
+    assert check_resume(cfg, 2) == (run / "checkpoints", "step8")
+    cases = [
+        (overrides, 1, "world size (processes)=2, this run has world size (processes)=1"),
+        ([*overrides, "data.batch_size=8"], 2, "data.batch_size=4, this run has data.batch_size=8"),
+        ([*overrides, "train.grad_accum=2"], 2, "train.grad_accum=1, this run has train.grad_accum=2"),
+        ([*overrides, "model.embed_dim=64"], 2, "another model (model.embed_dim=128 -> 64)"),
+    ]
+    for ov, world, expect in cases:
+        with pytest.raises(ConfigError) as err:
+            check_resume(load_config(PretrainConfig, CLIP, ov), world)
+        msg = str(err.value)
+        assert expect in msg and "step8" in msg and "train.resume=none" in msg and "new run.dir" in msg, msg
+    assert check_resume(load_config(PretrainConfig, CLIP, [*overrides, "train.resume=none"]), 1) is None
+
+
+def test_resume_mismatch_cli_exits_2_before_any_process_group(tmp_path, fake_shard):
+    _, overrides = _saved_run(tmp_path, fake_shard)
+    args = ["-m", "pretrain", "--config", CLIP, *overrides, "data.batch_size=8"]
+    env = {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}  # no rank 1 will ever join
+    rank0 = _run(args, RANK="0", LOCAL_RANK="0", **env)
+    assert rank0.returncode == 2, rank0.stderr[-2000:]
+    assert len(_config_lines(rank0.stderr)) == 1 and "data.batch_size=4" in rank0.stderr
+    assert "Traceback" not in rank0.stderr
+    rank1 = _run(args, RANK="1", LOCAL_RANK="1", **env)
+    assert rank1.returncode == 2 and _config_lines(rank1.stderr) == []

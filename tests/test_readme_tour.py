@@ -83,6 +83,10 @@ def test_readme_tour_runs_top_to_bottom(tmp_path):
         if key[0].startswith(("launch", "data_prep build", "data_prep synthetic")):
             first = proc.stdout.splitlines()[0]
             assert first.startswith(("run folder: ", "output folder: ")), proc.stdout[:500]
+        if key[0] in ("launch local pretrain", "launch local finetune"):
+            assert "checkpoint saved: " in proc.stderr and "step2" in proc.stderr  # one log line per checkpoint
+        if key[0] == "launch local data_prep style":
+            assert "img/s" in proc.stderr  # rank 0's progress bar
     assert seen == set(TINY)
 
     tour = tmp_path / "runs" / "tour"

@@ -29,6 +29,7 @@ TINY = {
     ("data_prep inspect", None): ["--num", "4"],
     ("launch local data_prep style", "configs/style/stage.yaml"): [
         "--nproc", "1", "data.batch_size=4", "data.num_workers=0", "out.tensorboard=false", "out.grid_images=2",
+        "model.use_predictor=false",  # 32 px is below the predictor's 43 px minimum
     ],
     ("launch local pretrain", "configs/pretrain/clip_tiny.yaml"): [*TRAIN_TINY, *CLIP_TINY],
     ("launch local pretrain", "configs/pretrain/albef_tiny.yaml"): [

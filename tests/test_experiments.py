@@ -20,7 +20,7 @@ from launch.config import ConfigError
 SMOKE = "experiments/recipes/smoke.yaml"
 
 
-def _experiments(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+def _experiments(*args: str, timeout: float = 1800) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "experiments", *args],
         cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=timeout,

@@ -1,7 +1,8 @@
 """Boxes, IoU, Grad-CAM maps and proposal ranking for weakly-supervised grounding (RefCOCO+ protocol).
 
 Boxes are COCO ``[x, y, w, h]`` in pixels of the original image. IoU follows the RefCOCO tooling (``computeIoU``):
-inclusive pixel coordinates, so a box covers ``w`` columns ``x .. x + w - 1`` (see :func:`iou` for its one quirk). A prediction is a hit when IoU >= 0.5 (ALBEF; ReCLIP uses > 0.5).
+inclusive pixel coordinates, so a box covers ``w`` columns ``x .. x + w - 1`` (see :func:`iou` for its one quirk).
+A prediction is a hit when IoU >= 0.5 (ALBEF; ReCLIP uses > 0.5).
 
 Ranking (ALBEF's ``grounding_eval``): a heat map is upsampled to the image's height x width (bicubic, undoing the
 square resize the model saw), each proposal scores ``map[y:y+h, x:x+w].sum() / (w * h) ** alpha`` on the

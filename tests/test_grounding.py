@@ -17,7 +17,8 @@ import pytest
 import torch
 from helpers import REPO, build_synthetic, subprocess_env
 
-from data_prep.refs import UnsafePickleError, convert_refs, main as convert_main, safe_load, scan_opcodes, validate_refs
+from data_prep.refs import UnsafePickleError, convert_refs, safe_load, scan_opcodes, validate_refs
+from data_prep.refs import main as convert_main
 from finetune.boxes import best_box, box_scores, gradcam_map, iou, normalized_to_pixels, upsample_map
 from finetune.tasks.grounding import grounding_metrics, read_detections, read_refcoco, read_synthetic
 from launch.dist import free_port
@@ -83,9 +84,9 @@ def test_gradcam_on_a_constructed_case_finds_the_patch_that_raises_the_score():
 
 
 def test_albef_gradcam_runs_on_the_real_fusion_encoder_without_touching_parameter_grads():
+    from finetune.tasks.grounding import fusion_gradcam
     from pretrain.models.albef import AlbefOptions, build
     from pretrain.models.encoders import TextOptions, VisionOptions
-    from finetune.tasks.grounding import fusion_gradcam
 
     torch.manual_seed(0)
     opts = AlbefOptions(vision=VisionOptions(name="vit_tiny_patch16_224", kwargs={"depth": 1, "patch_size": 8}),
@@ -307,3 +308,42 @@ def test_all_four_models_train_weakly_and_localise(data, tmp_path):
         assert test["random_baseline"] == pytest.approx(expected)
         assert test["gradcam_layer"] == {"albef": 1, "tcl": 1, "vilt": 1, "clip": -1}[name]
         assert (tmp_path / name / "grounding_test.png").stat().st_size > 0
+
+
+# ------------------------------------------------------------------------------------------------- recipes
+@pytest.mark.parametrize(
+    "recipe, task, lr, global_batch, extra",
+    [
+        ("nlvr2_albef", "nlvr2", 2e-5, 128, {"pairing": "paired", "distill": True, "alpha": 0.4}),
+        ("nlvr2_tcl", "nlvr2", 2e-5, 128, {"pairing": "paired", "distill": True, "alpha": 0.4}),
+        ("nlvr2_ta_albef", "nlvr2", 2e-5, 512, {"stage": "ta"}),
+        ("nlvr2_vilt", "nlvr2", 1e-4, 128, {}),
+        ("grounding_refcoco_albef", "grounding", 1e-5, 256, {"proposals": "dets", "gradcam_layer": 8}),
+        ("grounding_refcoco_tcl", "grounding", 1e-5, 256, {"proposals": "dets", "gradcam_layer": 8}),
+        ("grounding_refcoco_vilt", "grounding", 1e-4, 256, {"proposals": "dets", "vilt_layer": 6}),
+    ],
+)
+def test_full_size_recipes_validate_with_published_hyper_parameters(recipe, task, lr, global_batch, extra):
+    from finetune.config import FinetuneConfig
+    from launch.config import load_config
+
+    cfg = load_config(FinetuneConfig, f"{REPO}/configs/finetune/{recipe}.yaml", [], check_paths=False)
+    assert cfg.task.name == task and cfg.train.lr == pytest.approx(lr)
+    assert cfg.data.batch_size * 8 == global_batch and not cfg.mixgen.enabled
+    for key, value in extra.items():
+        assert getattr(cfg.task, key) == value, key
+    if cfg.model.name in ("albef", "tcl"):
+        assert cfg.train.weight_decay == 0.02 and cfg.model.fusion_layer == 6
+    else:
+        assert cfg.train.weight_decay == 0.01 and cfg.model.image_size == 384
+
+
+@pytest.mark.parametrize("name", ["albef", "tcl", "vilt", "clip"])
+def test_synthetic_recipes_validate(name):
+    from finetune.config import FinetuneConfig
+    from launch.config import load_config
+
+    for task in ("nlvr2", "grounding"):
+        cfg = load_config(FinetuneConfig, f"{REPO}/configs/finetune/{task}_synthetic_{name}.yaml", [],
+                          check_paths=False)  # fmt: skip
+        assert cfg.task.name == task and cfg.model.name == name and cfg.eval.metric == "accuracy"

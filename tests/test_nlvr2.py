@@ -194,7 +194,7 @@ def test_pair_fusion_layers_copies_weights_ties_key_value_and_routes_images():
     ids = torch.randint(5, 40, (2, 6))
     left, right = torch.randn(2, 3, 8), torch.randn(2, 5, 8)
     bert.set_save_attention(True)
-    out = bert(ids, image_embeds=[left, right])
+    bert(ids, image_embeds=[left, right])
     assert {i: m.shape[-1] for i, m in bert.attention_maps.items()} == {2: 3, 3: 5, 4: 3, 5: 5}
     # one parameter, two uses: its gradient is the sum of what two untied copies would receive
     import copy

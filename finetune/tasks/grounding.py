@@ -115,8 +115,10 @@ class RefRow:
     def pixel_boxes(self, width: int, height: int) -> tuple[list[float], list[list[float]]]:
         if not self.relative:
             return self.box, self.proposals
+
         def scale(b: Sequence[float]) -> list[float]:
             return [b[0] * width, b[1] * height, b[2] * width, b[3] * height]
+
         return scale(self.box), [scale(p) for p in self.proposals]
 
 

@@ -226,7 +226,9 @@ def synthetic_rows(path: str, split: str, *, pairs: int, statements: int, seed: 
         for p, j in enumerate(partners):
             for text, truth in nlvr_statements(scenes[i], scenes[j], rng, n=statements):
                 sid = sentence_ids.setdefault(text, len(sentence_ids))
-                rows.append(PairRow(refs[i], refs[j], pre_caption(text, max_words), int(truth), f"{split}-{i}-{p}-{sid}"))
+                rows.append(
+                    PairRow(refs[i], refs[j], pre_caption(text, max_words), int(truth), f"{split}-{i}-{p}-{sid}")
+                )
     return rows
 
 

@@ -1,7 +1,8 @@
 """Weakly-supervised referring-expression grounding (RefCOCO+ protocol) for all four models.
 
 Training uses (expression, image) pairs only, no boxes: image-id-aware ITC (+ ITM with hard negatives for ALBEF/TCL,
-ITM for ViLT) exactly as retrieval fine-tuning (:class:`finetune.tasks.retrieval.RetrievalModel`), on a square resize
+ITM for ViLT; ALBEF/TCL's ITC distilled from the momentum encoders, ``task.distill``) exactly as retrieval fine-tuning
+(:class:`finetune.tasks.retrieval.RetrievalModel`), on a square resize
 without crop or flip, so that a heat map over the patch grid maps back onto the image.
 
 Localisation, per expression, over its image's proposals (gold boxes or detections):
@@ -71,6 +72,9 @@ class GroundingOptions(TaskOptions):
     max_words: int = 30
     itc_weight: float = 1.0
     itm_weight: float = 1.0
+    distill: bool = True  # ALBEF/TCL: ITC targets mixed with the momentum model's (as retrieval fine-tuning)
+    alpha: float = 0.4
+    alpha_warmup: bool = True
     gradcam_layer: int | None = None  # ALBEF/TCL fusion layer index; None: fusion_layer + 2 (clamped)
     vilt_layer: int | None = None  # ViLT block; None: the middle one
     box_alpha: float = 0.5  # score = mass / area**box_alpha
@@ -337,7 +341,12 @@ class GroundingTask:
         return self._rows[split]
 
     def build_model(self, backbone: nn.Module) -> RetrievalModel:
-        return RetrievalModel(backbone, self.opts.itc_weight, self.opts.itm_weight)
+        from finetune.distill import Distiller, has_momentum_encoders
+
+        o, distiller = self.opts, None
+        if o.distill and model_kind(backbone) == "fusion" and has_momentum_encoders(backbone):
+            distiller = Distiller(backbone, [], momentum=backbone.opts.momentum, alpha=o.alpha, warmup=o.alpha_warmup)
+        return RetrievalModel(backbone, o.itc_weight, o.itm_weight, distiller)
 
     def train_loader(self) -> CaptionLoader:
         by_image: dict[Any, Entry] = {}

@@ -436,6 +436,13 @@ class GroundingTask:
         failed = sum(p[2] for p in parts)
         return grounding_metrics(results, failed, layer)
 
+    def table(self, results: dict[str, dict[str, Any]]) -> str:
+        """The printed summary: accuracy (overall and per sub-split) and the random-proposal baseline."""
+        from finetune.tasks.nlvr2 import metric_table
+
+        subs = sorted({k for m in results.values() for k in m if k.startswith("accuracy_")})
+        return metric_table(results, ["accuracy", *subs, "random_baseline"])
+
     def report(self, metrics: dict[str, Any], split: str, out_dir: str | Path) -> list[Path]:
         examples = self.examples.get(split)
         if not examples:

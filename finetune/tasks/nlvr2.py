@@ -563,6 +563,15 @@ def _gather(obj: Any, world: int) -> list[Any]:
     return [obj]
 
 
+def metric_table(results: dict[str, dict[str, Any]], cols: Sequence[str]) -> str:
+    """A fixed-width table of ``cols`` per split (missing values as ``-``)."""
+    lines = ["split".ljust(12) + "".join(c.rjust(16) for c in cols)]
+    for name, m in results.items():
+        vals = [f"{m[c]:16.2f}" if isinstance(m.get(c), (int, float)) else "-".rjust(16) for c in cols]
+        lines.append(name.ljust(12) + "".join(vals))
+    return "\n".join(lines)
+
+
 # ============================================================================ the task
 @register("nlvr2", Nlvr2Options)
 class Nlvr2Task:
@@ -711,6 +720,11 @@ class Nlvr2Task:
         counts = _gather((correct, total), self.world)
         c, t = sum(x for x, _ in counts), sum(y for _, y in counts)
         return {"ta_accuracy": 100.0 * c / max(1, t), "num_captions": t, "chance": 100.0 / 3.0}
+
+    def table(self, results: dict[str, dict[str, Any]]) -> str:
+        """The printed summary: accuracy, consistency and chance per evaluated split."""
+        cols = ("ta_accuracy", "chance") if self.opts.stage == "ta" else ("accuracy", "consistency", "chance")
+        return metric_table(results, cols)
 
     def report(self, metrics: dict[str, Any], split: str, out_dir: str | Path) -> list[Path]:
         """The official predictions CSV (``identifier,label``) of the evaluated split."""

@@ -235,15 +235,26 @@ def test_cc3m_build_reports_every_failure(server, tmp_path):
         "unsupported scheme": 1,
         "wrong column count (3, expected 2)": 1,
     }
+    # shard 1 failed whole: no tar; shard 2's tar was renumbered to 00001.tar, its stats say what it was built as
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["empty_shards"] == [{"built_as": 1, "failed": 4}]
+    assert [(s["name"], s["samples"], s.get("built_as")) for s in manifest["shards"]] == [
+        ("00000.tar", 2, None),
+        ("00001.tar", 1, 2),
+    ]
+    assert json.loads((out / "sizes.json").read_text()) == {"00000.tar": 2, "00001.tar": 1}
+    assert sorted(p.name for p in out.glob("*.tar")) == ["00000.tar", "00001.tar"]
     members = {}
-    for i in range(3):
+    for i in range(2):
         members.update(_read_tar(out / f"{i:05d}.tar"))
     metas = {k: json.loads(v) for k, v in members.items() if k.endswith(".json")}
     assert sorted(metas) == ["000000000.json", "000000001.json", "000020000.json"]
     assert metas["000020000.json"]["captions"] == ["from the cache"]
     assert metas["000020000.json"]["orig_id"] == "8" and metas["000020000.json"]["url"] == cached_url
     assert metas["000000001.json"]["orig_width"] == 40
-    fails = [json.loads(line) for i in range(3) for line in (out / f"{i:05d}_failures.jsonl").read_text().splitlines()]
+    fails = [json.loads(line) for p in sorted(out.glob("*_failures.jsonl")) for line in p.read_text().splitlines()]
+    fails += json.loads((out / "00001_empty.json").read_text())["failure_list"]
+    fails.sort(key=lambda f: f["key"])
     assert [(f["key"], f["reason"]) for f in fails] == [
         ("000000002", "http 404"),
         ("000000003", "timeout"),

@@ -40,7 +40,7 @@ from typing import Any
 from launch.config import ConfigError
 
 from .download import Downloader, DownloadError, DownloadOptions
-from .images import DEFAULT_MAX_PIXELS, ImageError, process_image
+from .images import DEFAULT_MAX_PIXELS, ImageError, ProcessedImage, process_image
 from .paths import check_member_key
 from .schema import MANIFEST_NAME, SCHEMA_VERSION, SHARD_NAME, STATS_NAME, sample_key
 from .sources.base import Problem, Record
@@ -395,8 +395,12 @@ def _build_shard(
         it = pair[1]
         return it.url if isinstance(it, Record) and it.data is None and not it.path else None
 
+    def process(pair: tuple[int, Record | Problem], data: bytes) -> Any:
+        # runs in the download thread that fetched ``data`` (see Downloader.map_ordered)
+        return process_image(data, job.image_size, job.resize_mode, job.jpeg_quality, job.max_pixels)
+
     stream: Iterator[tuple[tuple[int, Record | Problem], Any]]
-    stream = downloader.map_ordered(items, url_of) if downloader else ((p, None) for p in items)
+    stream = downloader.map_ordered(items, url_of, then=process) if downloader else ((p, None) for p in items)
     with ShardWriter(job.out_dir, shard_id) as writer:
         for (index, item), fetched in stream:
             key = sample_key(shard_id, index % job.samples_per_shard, job.samples_per_shard)
@@ -405,8 +409,13 @@ def _build_shard(
                 failures.append({"index": index, "key": key, "file": item.file, "row": item.row, "reason": item.reason})
             else:
                 try:
-                    src = _load_source(item, fetched)
-                    img = process_image(src, job.image_size, job.resize_mode, job.jpeg_quality, job.max_pixels)
+                    if isinstance(fetched, ProcessedImage):
+                        img = fetched  # downloaded and processed in a download thread
+                    elif isinstance(fetched, Exception) and not isinstance(fetched, DownloadError):
+                        raise fetched  # ImageError is a failure of this item; anything else fails the shard as before
+                    else:
+                        src = _load_source(item, fetched)
+                        img = process_image(src, job.image_size, job.resize_mode, job.jpeg_quality, job.max_pixels)
                 except (ImageError, DownloadError) as exc:
                     reasons[exc.reason] += 1
                     failures.append(

@@ -178,7 +178,9 @@ def main(argv: list[str] | None = None) -> int:
             return _scalars(metrics)
 
         every = cfg.eval.every or loader.steps_per_epoch
-        trainer = Trainer(cfg, model, loader, evaluate=evaluate, eval_every=every)
+        groups_fn = getattr(task, "param_groups", None)  # e.g. a head at a multiple of the learning rate
+        groups = groups_fn(model) if callable(groups_fn) else None
+        trainer = Trainer(cfg, model, loader, evaluate=evaluate, eval_every=every, groups=groups)
         summary = trainer.fit()
         if summary.get("preempted"):
             log.warning("preempted: no final test evaluation; rerun the same command to resume")
@@ -198,7 +200,8 @@ def main(argv: list[str] | None = None) -> int:
             for path in task.report(evaluated[split], split, run_dir):
                 results.setdefault("figures", []).append(str(path))
         atomic_write_json(run_dir / "results.json", results)
-        print(table(results["splits"], cfg.eval.ks))
+        task_table = getattr(task, "table", None)  # tasks with other metrics print their own table
+        print(task_table(results["splits"]) if callable(task_table) else table(results["splits"], cfg.eval.ks))
         print(f"results: {run_dir / 'results.json'}")
     if dist.is_initialized():
         dist.barrier()

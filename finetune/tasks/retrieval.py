@@ -4,8 +4,9 @@ Training (``RetrievalModel``):
 
 * ITC for every model with an embedding space (CLIP, ALBEF, TCL): captions of the same image are all positives,
   targets ``pos / pos.sum(1)`` (ALBEF's ``idx``-aware targets), rows of this rank against the columns of all
-  ranks (autograd-aware gather); temperature = the model's (CLIP ``logit_scale``, ALBEF ``temp``). No momentum
-  distillation or queue (ALBEF's retrieval model has both; at fine-tuning batch sizes we keep it in-batch).
+  ranks (autograd-aware gather); temperature = the model's (CLIP ``logit_scale``, ALBEF ``temp``). ALBEF/TCL add
+  ALBEF's momentum distillation (``task.distill``, :mod:`finetune.distill`): targets ``alpha * softmax(momentum
+  similarities) + (1 - alpha) * id targets``, in-batch (ALBEF also keeps a feature queue; we do not).
 * ITM for fusion models: per text a hard negative image and per image a hard negative text drawn from the ITC
   similarities, never of the same image id (ALBEF's masking of same-``idx`` pairs); ViLT (no ITC) draws its
   negative images uniformly among other image ids. Loss = ``itc_weight * ITC + itm_weight * ITM``.
@@ -51,10 +52,12 @@ from finetune.data import (
     rank_blocks,
     read_annotations,
 )
+from finetune.distill import Distiller, has_momentum_encoders
 from finetune.metrics import chance_recalls, retrieval_recalls
 from finetune.tasks import TaskOptions, register
 from launch.config import ConfigError, exists_field
 from pretrain.losses import gather_features
+from pretrain.models.momentum import autocast_like
 
 log = logging.getLogger("vlp.finetune.retrieval")
 
@@ -69,6 +72,9 @@ class RetrievalOptions(TaskOptions):
     max_words: int = 30
     itc_weight: float = 1.0
     itm_weight: float = 1.0  # fusion models (ALBEF, TCL, ViLT)
+    distill: bool = True  # ALBEF/TCL: ITC targets mixed with the momentum model's (finetune.distill)
+    alpha: float = 0.4
+    alpha_warmup: bool = True  # ALBEF's retrieval recipe ramps alpha over the first epoch
 
     def validate(self) -> None:
         if self.itc_weight < 0 or self.itm_weight < 0:
@@ -89,18 +95,45 @@ def idx_targets(row_ids: torch.Tensor, col_ids: torch.Tensor) -> torch.Tensor:
 
 
 def idx_contrastive_loss(
-    image_feat: torch.Tensor, text_feat: torch.Tensor, image_ids: torch.Tensor, scale: torch.Tensor | float
+    image_feat: torch.Tensor,
+    text_feat: torch.Tensor,
+    image_ids: torch.Tensor,
+    scale: torch.Tensor | float,
+    momentum: tuple[torch.Tensor, torch.Tensor] | None = None,
+    alpha: float = 0.0,
 ) -> torch.Tensor:
-    """Image-id-aware symmetric contrastive loss on normalized features (this rank's rows, all ranks' columns)."""
+    """Image-id-aware symmetric contrastive loss on normalized features (this rank's rows, all ranks' columns).
+
+    ``momentum``: the momentum model's (image, text) features of the same samples; the targets become
+    ``alpha * softmax(momentum similarities) + (1 - alpha) * id targets`` (ALBEF's retrieval distillation).
+    """
     all_image = gather_features(image_feat, True)
     all_text = gather_features(text_feat, True)
     all_ids = gather_features(image_ids.view(-1, 1), False).view(-1)
     targets = idx_targets(image_ids, all_ids).to(image_feat.device)
+    targets_i2t = targets_t2i = targets
+    if momentum is not None and alpha > 0:
+        with torch.no_grad():
+            image_m, text_m = (f.float() for f in momentum)
+            all_image_m, all_text_m = gather_features(image_m, False), gather_features(text_m, False)
+            targets_i2t = alpha * F.softmax(scale * image_m @ all_text_m.T, dim=1) + (1 - alpha) * targets
+            targets_t2i = alpha * F.softmax(scale * text_m @ all_image_m.T, dim=1) + (1 - alpha) * targets
     logits_i2t = scale * image_feat.float() @ all_text.float().T
     logits_t2i = scale * text_feat.float() @ all_image.float().T
-    loss_i2t = -(targets * F.log_softmax(logits_i2t, dim=1)).sum(1).mean()
-    loss_t2i = -(targets * F.log_softmax(logits_t2i, dim=1)).sum(1).mean()
+    loss_i2t = -(targets_i2t * F.log_softmax(logits_i2t, dim=1)).sum(1).mean()
+    loss_t2i = -(targets_t2i * F.log_softmax(logits_t2i, dim=1)).sum(1).mean()
     return (loss_i2t + loss_t2i) / 2
+
+
+@torch.no_grad()
+def momentum_features(backbone: nn.Module, images: torch.Tensor, tokens: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """ALBEF/TCL: normalized ITC features of the momentum encoders (image, text)."""
+    with autocast_like(backbone.temp):
+        image_m = backbone._vision_tokens(backbone.visual_encoder_m, images)
+        image_feat = F.normalize(backbone.vision_proj_m(image_m[:, 0]).float(), dim=-1)
+        text_m = backbone.text_encoder_m(tokens.input_ids, tokens.attention_mask, mode="text")
+        text_feat = F.normalize(backbone.text_proj_m(text_m[:, 0]).float(), dim=-1)
+    return image_feat, text_feat
 
 
 def model_kind(model: nn.Module) -> str:
@@ -114,12 +147,14 @@ def model_kind(model: nn.Module) -> str:
 class RetrievalModel(nn.Module):
     """The training module: the pretrained ``backbone`` and the retrieval losses (no new parameters)."""
 
-    def __init__(self, backbone: nn.Module, itc_weight: float = 1.0, itm_weight: float = 1.0) -> None:
+    def __init__(self, backbone: nn.Module, itc_weight: float = 1.0, itm_weight: float = 1.0,
+                 distiller: Distiller | None = None) -> None:  # fmt: skip
         super().__init__()
         self.backbone = backbone
         self.kind = model_kind(backbone)
         self.itc_weight, self.itm_weight = itc_weight, itm_weight
         self.has_momentum = bool(getattr(backbone, "has_momentum", False))
+        self.distiller = distiller  # ALBEF/TCL: the pretrained momentum encoders as ITC teacher (no new head)
 
     def forward(self, batch: dict[str, Any]) -> dict[str, Any]:
         bb, images, texts = self.backbone, batch["image"], batch["text"]
@@ -139,7 +174,14 @@ class RetrievalModel(nn.Module):
         image_embeds, image_feat = bb.encode_image(batch["image"])
         text_embeds, text_feat = bb.encode_text(tokens)
         temp = bb.temperature()
-        itc = idx_contrastive_loss(image_feat, text_feat, ids, 1.0 / temp)
+        momentum, alpha = None, 0.0
+        if self.distiller is not None:
+            alpha = self.distiller.alpha_for(batch)
+            if self.training:
+                self.distiller.update(bb)
+            if alpha > 0:
+                momentum = momentum_features(bb, batch["image"], tokens)
+        itc = idx_contrastive_loss(image_feat, text_feat, ids, 1.0 / temp, momentum, alpha)
         bsz = image_feat.shape[0]
         same = ids.view(-1, 1) == ids.view(1, -1)
         mask = tokens.attention_mask
@@ -492,7 +534,11 @@ class RetrievalTask:
         return {"train": self.opts.train_json, "val": self.opts.val_json, "test": self.opts.test_json}[split]
 
     def build_model(self, backbone: nn.Module) -> RetrievalModel:
-        return RetrievalModel(backbone, self.opts.itc_weight, self.opts.itm_weight)
+        distiller = None
+        if self.opts.distill and model_kind(backbone) == "fusion" and has_momentum_encoders(backbone):
+            distiller = Distiller(backbone, [], momentum=backbone.opts.momentum, alpha=self.opts.alpha,
+                                  warmup=self.opts.alpha_warmup)  # fmt: skip
+        return RetrievalModel(backbone, self.opts.itc_weight, self.opts.itm_weight, distiller)
 
     def train_loader(self) -> CaptionLoader:
         if not self.opts.train_json:

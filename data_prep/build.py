@@ -14,6 +14,7 @@ from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 from launch.config import ConfigError, exists_field, exits_on_config_error, load_config, shards_field, to_dict
+from launch.logging import announce_run_folder
 from launch.recipes import register as register_recipe
 
 from .download import DownloadOptions
@@ -35,6 +36,7 @@ REQUIRED: dict[str, tuple[str, ...]] = {
     "synthetic": (),
 }
 URL_FORMATS = ("sbu", "cc3m", "jsonlist")  # formats whose records may carry URLs; source.images is their cache
+PATH_KEYS = ("annotations", "images", "regions", "image_data", "tsv", "shards")  # recorded in each done-marker
 
 
 @dataclasses.dataclass
@@ -177,7 +179,15 @@ def run_build(cfg: BuildConfig) -> BuildSummary:
         max_pixels=out.max_pixels,
         rank=env.rank,
         world_size=env.world_size,
+        source_paths=source_paths(cfg),
     )
+
+
+def source_paths(cfg: BuildConfig) -> dict[str, str]:
+    """The recipe's source files and folders of its format (``source.<key>``), as each shard's marker records them."""
+    src = cfg.source
+    keys = REQUIRED[src.format] + tuple(k for k in PATH_KEYS if k not in REQUIRED[src.format])
+    return {f"source.{k}": str(getattr(src, k)) for k in keys if getattr(src, k, None)}
 
 
 @exits_on_config_error
@@ -192,7 +202,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. out.dir=data/coco workers=8")
     args = parser.parse_args(argv)
     cfg = load_build_config(args.config, args.overrides)
+    announce_run_folder(cfg.out.dir, "output folder")
     summary = run_build(cfg)
     print(summary)
     print(f"shards in {cfg.out.dir} (manifest: {os.path.join(cfg.out.dir, 'manifest.json')})")
-    return 1 if summary.errors else 0
+    return 0 if summary.ok else 1

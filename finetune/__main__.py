@@ -11,11 +11,15 @@ import argparse
 import sys
 
 from launch.config import exits_on_config_error
-from launch.logging import quiet_libraries, setup_logging
+from launch.logging import announce_run_folder, quiet_libraries, report_config_error, setup_logging
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m finetune", description="Fine-tune or evaluate a pretrained model.")
+    parser = argparse.ArgumentParser(
+        prog="python -m finetune",
+        description="Fine-tune or evaluate a pretrained model.",
+        epilog="recipe keys: docs/finetune.md (task.*, eval.*); shared keys: docs/pretrain.md, docs/models.md",
+    )
     parser.add_argument("--config", required=True, help="YAML recipe, e.g. configs/finetune/retrieval_synthetic.yaml")
     parser.add_argument("--eval-only", action="store_true", help="evaluate model.init on eval.splits (eval.only=true)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
@@ -34,11 +38,21 @@ def main(argv: list[str] | None = None) -> int:
     from finetune.config import load_finetune_config
 
     cfg = load_finetune_config(args.config, args.overrides, eval_only=args.eval_only)
+    if not args.eval_only:
+        from launch.dist import detect_env
+        from pretrain.engine import check_resume
+
+        check_resume(cfg, detect_env().world_size)  # before any process group or model exists
+    announce_run_folder(cfg.run.dir)
     setup_logging()
     quiet_libraries()
     from finetune.run import run_finetune
+    from pretrain.export import InitMismatchError
 
-    run_finetune(cfg)
+    try:
+        run_finetune(cfg)
+    except InitMismatchError as exc:  # weights of another model: found before any process group starts
+        return report_config_error(exc)
     return 0
 
 

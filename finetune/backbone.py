@@ -7,14 +7,16 @@ from typing import Any
 BACKBONE_PREFIX = "backbone."  # a fine-tune run's weights are its training module's, the backbone under this prefix
 
 
-def load_backbone_init(model: Any, init: str | None) -> dict[str, list[str]]:
+def load_backbone_init(model: Any, init: str | None, model_name: str | None = None) -> dict[str, list[str]]:
     """Load ``init`` into ``model``; a fine-tune run's weights (``backbone.``-prefixed) load as well.
 
-    Returns the ``missing`` and ``unexpected`` key lists; no shared key, or a shape mismatch, is a ValueError.
+    Every key must match both ways (:func:`pretrain.export.check_init_keys`; a model may declare
+    ``init_optional_keys`` prefixes): weights of another model are an error before any is copied. Returns the
+    ``missing`` and ``unexpected`` key lists.
     """
     import torch
 
-    from pretrain.export import load_state
+    from pretrain.export import InitMismatchError, check_init_keys, init_source, load_state
 
     if init in (None, "", "none"):
         return {"missing": [], "unexpected": []}
@@ -22,12 +24,16 @@ def load_backbone_init(model: Any, init: str | None) -> dict[str, list[str]]:
     if state and all(k.startswith(BACKBONE_PREFIX) for k in state):
         state = {k[len(BACKBONE_PREFIX) :]: v for k, v in state.items()}
     own = model.state_dict()
+    name = model_name or type(model).__name__
+    check_init_keys(name, init, list(state), list(own), tuple(getattr(model, "init_optional_keys", ())))
     shared = [k for k in state if k in own]
-    if not shared:
-        raise ValueError(f"model.init: no weight in {init} matches model '{type(model).__name__}'")
     bad = [f"{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in shared if state[k].shape != own[k].shape]
     if bad:
-        raise ValueError(f"model.init: shape mismatch for {len(bad)} weights, e.g. {bad[:3]}")
+        source, where = init_source(init)
+        raise InitMismatchError(
+            f"model.init: {init} does not match model {name!r}: shape mismatch for {len(bad)} weights, e.g. "
+            f"{bad[:3]}; the checkpoint was trained as {source!r} ({where}): same model, other size settings?"
+        )
     with torch.no_grad():
         result = model.load_state_dict(state, strict=False)
     return {"missing": list(result.missing_keys), "unexpected": list(result.unexpected_keys)}

@@ -36,11 +36,12 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any] | None:
     eval_only = bool(cfg.eval.only)
     if not eval_only and cfg.model.init in ("", "none"):
         log.warning("model.init is none: fine-tuning starts from random (or encoder-pretrained) weights")
-    env = init_distributed()
     seed_everything(cfg.run.seed)  # identical initial weights on every rank
     _, build = models.get(cfg.model.name)
     backbone = build(cfg.model)
-    loaded = load_backbone_init(backbone, cfg.model.init)
+    # before any process group: weights of another model are a config error (InitMismatchError), not a traceback
+    loaded = load_backbone_init(backbone, cfg.model.init, cfg.model.name)
+    env = init_distributed()
     if env.rank == 0 and cfg.model.init not in ("", "none"):
         log.info("model.init %s: %d missing, %d unexpected keys", cfg.model.init, *map(len, loaded.values()))
     _, task_cls = tasks.get(cfg.task.name)

@@ -6,6 +6,9 @@ import dataclasses
 import os
 import socket
 
+# torch is imported inside the functions that use it: detect_env() serves data_prep, whose commands (and every
+# worker they start) must not pay torch's import time (seconds) just to read a few environment variables.
+
 
 @dataclasses.dataclass(frozen=True)
 class DistEnv:

@@ -11,6 +11,7 @@ import dataclasses
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -20,10 +21,13 @@ from typing import Any
 
 from launch.config import ConfigError, parse_overrides, read_yaml, set_dotted
 from launch.dist import free_port
+from launch.recipes import loader_of
 
 _MODULE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 _SUB_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
 
+# Stage config schemas known to launch, by name only (layer 0 imports nothing above it; the check runs in a child
+# process). An entry that is not listed is validated by the entry itself when the job starts.
 # Entries that train with the shared engine: a requeued job must resume from the run's latest checkpoint.
 TRAINING_ENTRIES = ("pretrain", "finetune")
 
@@ -106,6 +110,28 @@ def stage_dir(tree: dict[str, Any]) -> Path:
     raise ConfigError("the stage recipe sets neither run.dir nor out.dir: launch needs an output folder for its logs")
 
 
+def check_stage_config(
+    entry: Entry, config: str, overrides: Sequence[str], world_size: int | None = None
+) -> str | None:
+    """Validate the stage recipe with the loader the entry registered (:mod:`launch.recipes`, found by entry name:
+    the function the entry's own ``main`` uses); returns the error or None. With ``world_size``, the recipe's
+    ``preflight(world_size)`` runs too (e.g. a resume that needs the same world size). An entry that registers no
+    loader (a user's own module) is validated by itself when the job starts; a listed entry whose loader cannot be
+    found is an error, never a skipped check.
+    """
+    try:
+        load = loader_of(entry.name)
+        if load is None:
+            return None
+        cfg = load(config, list(overrides))
+        preflight = getattr(cfg, "preflight", None)
+        if callable(preflight) and world_size:
+            preflight(int(world_size))
+    except ConfigError as exc:
+        return str(exc)
+    return None
+
+
 def torchrun_command(
     entry: Entry, config: str, overrides: Sequence[str], nproc: int, master_port: int | None = None
 ) -> list[str]:
@@ -144,16 +170,21 @@ def run_local(
 ) -> int:
     """Run the entry under torchrun on this machine; returns torchrun's exit status.
 
-    The command is written to ``<run dir>/launch/local.json`` before it starts, so a run folder always says how
-    it was started.
+    The recipe is validated first, here (one ``config error:`` line, exit status 2, no worker started; also for
+    ``dry_run``). The command is printed shell-quoted, so it can be pasted, and written to
+    ``<run dir>/launch/local.json`` before it starts, so a run folder always says how it was started.
     """
     check_module(entry)
     tree = stage_tree(config, overrides)  # a malformed recipe or override fails here, before any worker starts
+    out = stage_dir(tree)
+    error = check_stage_config(entry, str(config), overrides, world_size=nproc)
+    if error:
+        raise ConfigError(error)
     cmd = torchrun_command(entry, config, overrides, nproc)
-    print(" ".join(cmd), flush=True)
+    print(f"run folder: {os.path.abspath(out)}", flush=True)
+    print(shlex.join(cmd), flush=True)
     if dry_run:
         return 0
-    out = stage_dir(tree)
     record = out / "launch" / "local.json"
     record.parent.mkdir(parents=True, exist_ok=True)
     record.write_text(

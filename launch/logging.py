@@ -43,3 +43,24 @@ def quiet_libraries() -> None:
         return
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+
+
+def report_config_error(exc: BaseException) -> int:
+    """Print ``config error: <exc>`` once per job (rank 0 only: every rank finds the same error) and return 2,
+    the exit status of every entry point for a configuration problem."""
+    rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))
+    if rank in ("", "0"):
+        print(f"config error: {exc}", file=sys.stderr, flush=True)
+    return 2
+
+
+def announce_run_folder(path: str | os.PathLike, what: str = "run folder") -> None:
+    """Print ``run folder: <absolute path>`` on rank 0, the first line of every run, so its outputs can be found."""
+    rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))
+    if rank in ("", "0"):
+        print(f"{what}: {os.path.abspath(os.fspath(path))}", flush=True)
+
+
+def is_rank0() -> bool:
+    """True in the process that reports for the job (rank 0, or a plain single process)."""
+    return os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) in ("", "0")

@@ -36,8 +36,7 @@ import yaml
 
 from launch import preempt
 from launch.config import ConfigError, load_config, to_dict, validate_tree
-from launch.local import Entry, check_module, stage_dir, stage_tree
-from launch.recipes import loader_of
+from launch.local import Entry, check_module, check_stage_config, stage_dir, stage_tree
 
 # submitit's LocalExecutor restarts the tasks when one exits with this code; we use it on Slurm too so that the
 # requeued tasks' exit status is recognisable in the logs.
@@ -294,14 +293,6 @@ def default_requeue_overrides(entry: Entry, cfg: LaunchConfig) -> list[str]:
     return ["train.resume=latest"] if entry.trains else []
 
 
-def check_stage_config(entry: Entry, config: str, overrides: Sequence[str]) -> None:
-    """Validate the stage recipe with the loader the entry registered (:mod:`launch.recipes`), as the entry itself
-    will when the job starts; raises :class:`ConfigError`. An entry without a registered loader is not checked."""
-    load = loader_of(entry.name)
-    if load is not None:
-        load(config, list(overrides))
-
-
 def make_executor(cfg: LaunchConfig, folder: Path, entry: Entry) -> Any:
     """The submitit executor for ``cfg.cluster`` with the job's resources."""
     import submitit
@@ -383,7 +374,9 @@ def submit(
     tree = stage_tree(config, overrides)
     run_dir = stage_dir(tree)
     if check:
-        check_stage_config(entry, str(config), overrides)
+        error = check_stage_config(entry, str(config), overrides, world_size=cfg.nodes * cfg.ntasks_per_node)
+        if error:
+            raise ConfigError(f"{config}: {error}")
     slurm_dir = run_dir / "slurm"
     slurm_dir.mkdir(parents=True, exist_ok=True)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(2)

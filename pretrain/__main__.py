@@ -13,11 +13,15 @@ import json
 import sys
 
 from launch.config import exits_on_config_error
-from launch.logging import quiet_libraries, setup_logging
+from launch.logging import announce_run_folder, quiet_libraries, setup_logging
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m pretrain", description="Pretrain a vision-language model.")
+    parser = argparse.ArgumentParser(
+        prog="python -m pretrain",
+        description="Pretrain a vision-language model.",
+        epilog="recipe keys: docs/pretrain.md (engine, train.*, data.*), docs/models.md (model.*), docs/mixgen.md",
+    )
     parser.add_argument("--config", required=True, help="YAML recipe, e.g. configs/pretrain/clip_tiny.yaml")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=50")
@@ -30,16 +34,18 @@ def main(argv: list[str] | None = None) -> int:
     from pretrain.config import load_pretrain_config
 
     cfg = load_pretrain_config(args.config, args.overrides)
+    announce_run_folder(cfg.run.dir)
     log = setup_logging()
     quiet_libraries()
 
-    from launch.dist import init_distributed
+    from launch.dist import detect_env, init_distributed
     from launch.rng import seed_everything
     from pretrain import models
     from pretrain.data import ShardLoader
-    from pretrain.engine import Trainer
+    from pretrain.engine import Trainer, check_resume
     from pretrain.export import load_init
 
+    check_resume(cfg, detect_env().world_size)  # before any process group or model exists
     seed_everything(cfg.run.seed)  # same seed on every rank: identical initial weights before DeepSpeed's broadcast
     _, build = models.get(cfg.model.name)
     model = build(cfg.model)

@@ -159,6 +159,9 @@ def test_sigkilled_run_resumes_exactly(resume_runs):
     assert len(flops) == 1 and flops.pop() > 1e6
     for r in rows:
         assert r["mfu"] == pytest.approx(r["flops_per_sample"] * r["samples_per_s"] / 2 / 1e9)  # 2 ranks
+    # what a later resume is checked against, before anything loads
+    meta = json.loads((killed / "checkpoints" / "step12" / "trainer.json").read_text())
+    assert meta["world_size"] == 2 and meta["data.batch_size"] == 4 and meta["model"]["name"] == "clip"
 
 
 @pytest.mark.slow

@@ -52,7 +52,7 @@ from launch.config import (
     to_dict,
 )
 from launch.dist import detect_env
-from launch.logging import setup_logging
+from launch.logging import announce_run_folder, is_rank0, setup_logging
 from launch.recipes import register as register_recipe
 
 from ..paths import PathError, check_member_key
@@ -537,8 +537,13 @@ class StyleStage:
                         summary[k] += v
                     del states[shard]
 
+        from tqdm import tqdm
+
+        # input images of this rank, with img/s (the total is unknown until the tars are read)
+        bar = tqdm(desc="style", unit="img", disable=not is_rank0(), dynamic_ncols=True)
         try:
             for chunk in loader:
+                bar.update(len(chunk["samples"]))
                 shard = chunk["shard"]
                 if shard not in states:
                     states[shard] = _ShardState(ShardWriter(self.out_dir, shard), time.time())
@@ -558,6 +563,7 @@ class StyleStage:
                 flush(keep=1)  # encode of this chunk overlaps the model on the next one
             flush(keep=0)
         finally:
+            bar.close()
             pool.shutdown(wait=True)
             for st in states.values():  # unfinished (error/kill): drop the temp tar, no done-marker
                 st.writer.__exit__(None, None, None)
@@ -659,13 +665,18 @@ def run(cfg: StageConfig) -> dict[str, Any]:
 
 @exits_on_config_error
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m data_prep style", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m data_prep style",
+        description=__doc__.split("\n\n")[0],
+        epilog="recipe keys: docs/style.md",
+    )
     parser.add_argument("--config", help="YAML recipe (configs/style/stage.yaml)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. style.k=2")
     args = parser.parse_args(list(argv) if argv is not None else None)
     env = detect_env()
     setup_logging(env.rank)
     cfg = load_stage_config(args.config, args.overrides)
+    announce_run_folder(cfg.out.dir, "output folder")
     summary = run(cfg)
     log.info("style stage done: %s", json.dumps(summary, default=str))
     return 0

@@ -83,6 +83,8 @@ def load_finetune_config(path: str | Path, overrides: Sequence[str] = (), eval_o
     init = cfg.model.init
     if init not in ("", "none") and not Path(init).exists():
         raise ConfigError(f"model.init: path does not exist: {init}")
+    if not cfg.eval.only and hasattr(cfg.task, "train_json") and not cfg.task.train_json:
+        raise ConfigError("task.train_json: required for fine-tuning (or pass --eval-only)")
     return cfg
 
 

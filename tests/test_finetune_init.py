@@ -58,7 +58,7 @@ def test_init_source_reads_run_config_and_export_metadata(albef_sources):
 
 @pytest.mark.parametrize("which", ["run", "export"])
 def test_clip_from_albef_weights_is_refused_before_any_copy(albef_sources, which):
-    from finetune.__main__ import load_backbone_init
+    from finetune.backbone import load_backbone_init
 
     init = albef_sources[0] if which == "run" else albef_sources[1]
     clip = _build(CLIP)
@@ -73,7 +73,7 @@ def test_clip_from_albef_weights_is_refused_before_any_copy(albef_sources, which
 
 
 def test_same_model_loads_every_weight(tmp_path):
-    from finetune.__main__ import load_backbone_init
+    from finetune.backbone import load_backbone_init
 
     source = _build(CLIP)
     with torch.no_grad():
@@ -91,7 +91,7 @@ def test_same_model_loads_every_weight(tmp_path):
 
 
 def test_other_size_of_the_same_model_names_the_shapes(tmp_path):
-    from finetune.__main__ import load_backbone_init
+    from finetune.backbone import load_backbone_init
 
     wide = dict(CLIP, embed_dim=32)
     run = _run_dir(tmp_path / "wide", wide, _build(wide).state_dict())

@@ -84,9 +84,6 @@ class EntailmentOptions(TaskOptions):
             raise ConfigError("task.head_lr_mult: must be > 0")
         if not (self.val_json or self.test_json):
             raise ConfigError("task.val_json / task.test_json: at least one evaluation split is required")
-        evaluation = getattr(recipe, "eval", None)
-        if evaluation is not None and not evaluation.only and not self.train_json:
-            raise ConfigError("task.train_json: required for fine-tuning (or pass --eval-only)")
 
 
 @dataclasses.dataclass

@@ -85,9 +85,6 @@ class RetrievalOptions(TaskOptions):
             raise ConfigError("task.val_json / task.test_json: at least one evaluation split is required")
         for split in ("train", "val", "test"):
             check_json_readable(f"task.{split}_json", getattr(self, f"{split}_json"))
-        evaluation = getattr(recipe, "eval", None)
-        if evaluation is not None and not evaluation.only and not self.train_json:
-            raise ConfigError("task.train_json: required for fine-tuning (or pass --eval-only)")
 
 
 def check_json_readable(key: str, path: str | None) -> None:

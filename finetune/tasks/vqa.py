@@ -122,9 +122,7 @@ class VqaOptions(TaskOptions):
             raise ConfigError("task.head_lr_mult: must be > 0")
         if not (self.val_json or self.test_json):
             raise ConfigError("task.val_json / task.test_json: at least one evaluation split is required")
-        evaluation, model = getattr(recipe, "eval", None), getattr(recipe, "model", None)
-        if evaluation is not None and not evaluation.only and not self.train_json:
-            raise ConfigError("task.train_json: required for fine-tuning (or pass --eval-only)")
+        model = getattr(recipe, "model", None)
         if self.head == "decoder" and model is not None and model.name not in ("albef", "tcl"):
             raise ConfigError(f"task.head: the answer decoder needs ALBEF or TCL, not {model.name}")
 

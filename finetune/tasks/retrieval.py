@@ -31,8 +31,10 @@ image->text one is reduced to recalls and freed). Recalls use :func:`finetune.me
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -81,10 +83,26 @@ class RetrievalOptions(TaskOptions):
             raise ConfigError("task.itc_weight / task.itm_weight: must be >= 0")
         if not (self.val_json or self.test_json):
             raise ConfigError("task.val_json / task.test_json: at least one evaluation split is required")
+        for split in ("train", "val", "test"):
+            check_json_readable(f"task.{split}_json", getattr(self, f"{split}_json"))
 
     def check_training(self) -> None:
         if not self.train_json:
             raise ConfigError("task.train_json: required for fine-tuning (or pass --eval-only)")
+
+
+def check_json_readable(key: str, path: str | None) -> None:
+    """A ConfigError naming ``key`` when ``path`` exists but cannot be read or parsed as JSON (checked before any
+    process group starts; a missing file is the schema's own ``path does not exist`` error)."""
+    if not path or not os.path.exists(path):
+        return
+    try:
+        with open(path, "rb") as fh:
+            json.loads(fh.read())
+    except OSError as exc:
+        raise ConfigError(f"{key}: cannot read {path}: {exc.strerror or exc}") from exc
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{key}: {path} is not valid JSON: {exc}") from exc
 
 
 # ============================================================================ training objective

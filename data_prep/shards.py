@@ -592,16 +592,6 @@ def _remove_temp_files(out_dir: str) -> None:
             pass
 
 
-def _worker_context() -> mp.context.BaseContext:
-    """Workers fork from a clean server process that imported this module once (not from the caller, which may
-    hold threads or torch), so starting N workers costs one import instead of N; spawn where fork is missing."""
-    if "forkserver" not in mp.get_all_start_methods():
-        return mp.get_context("spawn")
-    ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload([__name__])
-    return ctx
-
-
 def write_shards(
     records: Iterable[Record | Problem],
     out_dir: str | os.PathLike,
@@ -697,7 +687,7 @@ def write_shards(
         else:
             summary.errors.append(f"shard {shard:05d}: {type(exc).__name__}: {exc}")
 
-    pool = cf.ProcessPoolExecutor(max_workers=workers, mp_context=_worker_context()) if workers > 0 else None
+    pool = cf.ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) if workers > 0 else None
     pending: dict[cf.Future, tuple[int, int]] = {}
 
     def drain(block_until: int) -> None:

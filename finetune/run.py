@@ -39,12 +39,15 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any] | None:
     seed_everything(cfg.run.seed)  # identical initial weights on every rank
     _, build = models.get(cfg.model.name)
     backbone = build(cfg.model)
+    _, task_cls = tasks.get(cfg.task.name)
+    heads = tuple(getattr(task_cls, "init_optional_keys", ()))
+    if heads:  # a task head saved with the backbone (best.safetensors) may be absent from model.init, or present
+        backbone.init_optional_keys = tuple(getattr(backbone, "init_optional_keys", ())) + heads
     # before any process group: weights of another model are a config error (InitMismatchError), not a traceback
     loaded = load_backbone_init(backbone, cfg.model.init, cfg.model.name)
     env = init_distributed()
     if env.rank == 0 and cfg.model.init not in ("", "none"):
         log.info("model.init %s: %d missing, %d unexpected keys", cfg.model.init, *map(len, loaded.values()))
-    _, task_cls = tasks.get(cfg.task.name)
     task = task_cls(cfg, env.rank, env.world_size)
     run_dir = Path(cfg.run.dir)
     results: dict[str, Any] = {"task": cfg.task.name, "model": cfg.model.name, "init": cfg.model.init}

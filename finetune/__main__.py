@@ -173,7 +173,10 @@ def main(argv: list[str] | None = None) -> int:
             return _scalars(metrics)
 
         every = cfg.eval.every or loader.steps_per_epoch
-        trainer = Trainer(cfg, model, loader, evaluate=evaluate, eval_every=every)
+        from pretrain.mixgen import build_mixgen
+
+        augment = build_mixgen(cfg.mixgen, seed=cfg.run.seed, rank=env.rank)  # off unless the recipe enables it
+        trainer = Trainer(cfg, model, loader, augment=augment, evaluate=evaluate, eval_every=every)
         summary = trainer.fit()
         if summary.get("preempted"):
             log.warning("preempted: no final test evaluation; rerun the same command to resume")

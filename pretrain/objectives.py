@@ -221,10 +221,11 @@ def sample_negatives(
     if n == 1:
         return torch.zeros(1, dtype=torch.long, device=sim.device)
     logits = torch.nan_to_num(sim.detach().float(), nan=0.0, posinf=1e4, neginf=-1e4).clamp(-1e4, 1e4)
-    weights = F.softmax(logits, dim=1)
     eye = torch.eye(n, dtype=torch.bool, device=sim.device)
     blocked = eye if exclude is None else (eye | exclude.to(sim.device, torch.bool))
-    weights = weights.masked_fill(blocked, 0.0)
+    # the softmax over the candidates only: ALBEF's softmax-then-zero-the-diagonal is the same distribution, but a
+    # dominant diagonal at a low temperature underflows every other weight to 0 in float32 first
+    weights = F.softmax(logits.masked_fill(blocked, float("-inf")), dim=1)
     others = (~eye).float()
     total = weights.sum(dim=1, keepdim=True)
     dead = ~(torch.isfinite(total) & (total > 0))

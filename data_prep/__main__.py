@@ -8,7 +8,6 @@ child process by module name and passes the arguments through.
 from __future__ import annotations
 
 import importlib
-import os
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -20,7 +19,7 @@ COMMANDS = {
     "style": ("data_prep.style.stage", "apply style randomization to shards (sharded over ranks)"),
     "train-style": (None, "train the style network: runs `python -m pretrain` (default configs/pretrain/style.yaml)"),
 }
-STYLE_RECIPE = os.path.join("configs", "pretrain", "style.yaml")
+STYLE_RECIPE = "configs/pretrain/style.yaml"  # pretrain's --config resolves it from any working directory
 
 
 def _usage() -> str:

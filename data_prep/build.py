@@ -15,6 +15,7 @@ from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Literal
 
 from launch.config import ConfigError, exists_field, load_config, shards_field, to_dict
+from launch.logging import announce_run_folder
 
 from .download import DownloadOptions
 from .images import DEFAULT_MAX_PIXELS, RESIZE_MODES
@@ -192,6 +193,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
+    announce_run_folder(cfg.out.dir, "output folder")
     try:
         summary = run_build(cfg)
     except ConfigError as exc:

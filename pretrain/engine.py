@@ -194,6 +194,83 @@ def find_resume(resume: str, run_dir: Path) -> tuple[Path, str] | None:
     raise ConfigError(f"train.resume: no complete checkpoint in {path} (expected step<N>/{COMPLETE})")
 
 
+RESUME_META = "trainer.json"  # written into each tag folder: what a resume must match (read before loading)
+
+
+def _model_signature(model: Any) -> dict[str, Any]:
+    """The model section minus weight sources (``init``, ``pretrained``), which a resumed run takes from the
+    checkpoint anyway."""
+    tree = dataclasses.asdict(model) if dataclasses.is_dataclass(model) else dict(model or {})
+
+    def strip(node: Any) -> Any:
+        if isinstance(node, dict):
+            return {k: strip(v) for k, v in node.items() if k not in ("init", "pretrained")}
+        if isinstance(node, (list, tuple)):
+            return [strip(v) for v in node]
+        return node
+
+    return strip(tree)
+
+
+def resume_meta(cfg: Any, world_size: int) -> dict[str, Any]:
+    """What a checkpoint must agree on with the run that resumes it (exact resume restores per-rank loader
+    positions and RNG states, and DeepSpeed's optimizer partitions, all tied to these values)."""
+    return {
+        "world_size": int(world_size),
+        "data.batch_size": int(cfg.data.batch_size),
+        "train.grad_accum": int(cfg.train.grad_accum),
+        "model": _model_signature(cfg.model),
+    }
+
+
+def _saved_meta(folder: Path, tag: str) -> dict[str, Any] | None:
+    meta = folder / tag / RESUME_META
+    if meta.is_file():
+        return json.loads(meta.read_text())
+    saved = folder.parent / "config.yaml"  # checkpoints written before trainer.json: the run's resolved recipe
+    if folder.name == CHECKPOINTS and saved.is_file():
+        import yaml
+
+        tree = yaml.safe_load(saved.read_text()) or {}
+        data, train = tree.get("data") or {}, tree.get("train") or {}
+        return {
+            "data.batch_size": data.get("batch_size"),
+            "train.grad_accum": train.get("grad_accum"),
+            "model": _model_signature(tree.get("model")),
+        }
+    return None
+
+
+def check_resume(cfg: Any, world_size: int) -> tuple[Path, str] | None:
+    """The checkpoint ``train.resume`` selects, after checking it was written with this run's world size, batch
+    size and model; a mismatch is a ConfigError naming the saved and the new value and the two ways out.
+
+    Called before process groups start and again before DeepSpeed loads anything.
+    """
+    found = find_resume(str(cfg.train.resume), Path(cfg.run.dir))
+    if found is None:
+        return None
+    saved = _saved_meta(*found)
+    if saved is None:
+        return found
+    new = resume_meta(cfg, world_size)
+    where = found[0] / found[1]
+    out = "set train.resume=none to start from scratch, or choose a new run.dir"
+    for key in ("world_size", "data.batch_size", "train.grad_accum"):
+        if saved.get(key) is not None and saved[key] != new[key]:
+            name = "world size (processes)" if key == "world_size" else key
+            raise ConfigError(
+                f"train.resume: {where} was saved with {name}={saved[key]}, this run has {name}={new[key]}; exact "
+                f"resume needs the same value: {out}"
+            )
+    if saved.get("model") and saved["model"] != new["model"]:
+        old, cur = saved["model"], new["model"]
+        diff = sorted(k for k in set(old) | set(cur) if old.get(k) != cur.get(k))
+        shown = ", ".join(f"model.{k}={old.get(k)!r} -> {cur.get(k)!r}" for k in diff[:3])
+        raise ConfigError(f"train.resume: {where} holds another model ({shown}); {out}")
+    return found
+
+
 # --------------------------------------------------------------------------------------------------------------
 # the trainer
 
@@ -308,18 +385,13 @@ class Trainer:
         return self.engine.module
 
     def _restore(self) -> None:
-        found = find_resume(str(self.cfg.train.resume), self.run_dir)
+        found = check_resume(self.cfg, self.world)
         if found is None:
             return
         folder, tag = found
         path, client = self.engine.load_checkpoint(str(folder), tag=tag)
         if path is None:
             raise RuntimeError(f"train.resume: DeepSpeed could not load checkpoint {folder / tag}")
-        if client.get("world_size") != self.world:
-            raise RuntimeError(
-                f"train.resume: {folder / tag} was written by {client.get('world_size')} ranks, this job has "
-                f"{self.world}; exact resume needs the same world size (or set train.resume=none)"
-            )
         self.state = _State(**client["trainer"])
         mine = client["ranks"][self.rank]
         if mine.get("loader") is not None and hasattr(self.loader, "load_state_dict"):
@@ -333,6 +405,7 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         """Save a checkpoint on all ranks (collective); keeps the newest ``train.keep_checkpoints``."""
         tag = f"step{self.state.step}"
+        started = time.perf_counter()
         loader_state = self.loader.state_dict() if hasattr(self.loader, "state_dict") else None
         mine = {"loader": loader_state, "rng": rng_state()}
         ranks: list[Any] = [None] * self.world
@@ -341,11 +414,13 @@ class Trainer:
         self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, client_state=client, save_latest=False)
         dist.barrier()
         if self.rank == 0:
+            atomic_write_json(self.ckpt_dir / tag / RESUME_META, resume_meta(self.cfg, self.world))
             atomic_write_bytes(self.ckpt_dir / tag / COMPLETE, b"")
             atomic_write_bytes(self.ckpt_dir / "latest", tag.encode())  # what DeepSpeed's own tooling reads
             keep = max(1, int(getattr(self.cfg.train, "keep_checkpoints", 3)))
             for _, old in _complete_tags(self.ckpt_dir)[:-keep]:
                 shutil.rmtree(self.ckpt_dir / old, ignore_errors=True)
+            log.info("checkpoint saved: %s (%.1f s)", self.ckpt_dir / tag, time.perf_counter() - started)
         dist.barrier()
         return self.ckpt_dir / tag
 

@@ -119,17 +119,33 @@ def idx_targets(row_ids: torch.Tensor, col_ids: torch.Tensor) -> torch.Tensor:
 
 
 def idx_contrastive_loss(
-    image_feat: torch.Tensor, text_feat: torch.Tensor, image_ids: torch.Tensor, scale: torch.Tensor | float
+    image_feat: torch.Tensor,
+    text_feat: torch.Tensor,
+    image_ids: torch.Tensor,
+    scale: torch.Tensor | float,
+    momentum: tuple[torch.Tensor, torch.Tensor] | None = None,
+    alpha: float = 0.0,
 ) -> torch.Tensor:
     """Image-id-aware symmetric contrastive loss on normalized features (this rank's rows, all ranks' columns):
-    every caption of the same image is a positive (ALBEF's retrieval fine-tuning)."""
+    every caption of the same image is a positive (ALBEF's retrieval fine-tuning).
+
+    ``momentum``: the momentum model's (image, text) features of the same samples; the targets become
+    ``alpha * softmax(momentum similarities) + (1 - alpha) * id targets`` (ALBEF's retrieval distillation).
+    """
     all_image = gather_features(image_feat, True)
     all_text = gather_features(text_feat, True)
     all_ids = gather_features(image_ids.view(-1, 1), False).view(-1)
     targets = idx_targets(image_ids, all_ids).to(image_feat.device)
+    targets_i2t = targets_t2i = targets
+    if momentum is not None and alpha > 0:
+        with torch.no_grad():
+            image_m, text_m = (f.float() for f in momentum)
+            all_image_m, all_text_m = gather_features(image_m, False), gather_features(text_m, False)
+            targets_i2t = alpha * F.softmax(scale * image_m @ all_text_m.T, dim=1) + (1 - alpha) * targets
+            targets_t2i = alpha * F.softmax(scale * text_m @ all_image_m.T, dim=1) + (1 - alpha) * targets
     logits_i2t = scale * image_feat.float() @ all_text.float().T
     logits_t2i = scale * text_feat.float() @ all_image.float().T
-    return (soft_cross_entropy(logits_i2t, targets) + soft_cross_entropy(logits_t2i, targets)) / 2
+    return (soft_cross_entropy(logits_i2t, targets_i2t) + soft_cross_entropy(logits_t2i, targets_t2i)) / 2
 
 
 # ============================================================================ ALBEF: ITC with momentum distillation

@@ -43,8 +43,9 @@ from PIL import Image
 
 from launch.config import ConfigError, exists_field, expand_shards, load_config, save_config, shards_field, to_dict
 from launch.dist import detect_env
-from launch.logging import setup_logging
+from launch.logging import announce_run_folder, is_rank0, report_config_error, setup_logging
 
+from ..paths import PathError, check_member_key
 from ..schema import IMAGE_EXTS, captions_of
 from ..shards import ShardWriter, read_stats, write_manifest
 from .network import StylePredictor, StyleTransformer, load_style_checkpoint
@@ -414,6 +415,14 @@ class StyleStage:
             index = state.index
             state.index += 1
             state.counts["input"] += 1
+            try:
+                check_member_key(s.key)
+            except PathError as exc:
+                # the output would be written under this name: never copy an unsafe one (../x, /abs/x)
+                log.warning("shard %05d: %s: skipped", state.writer.shard_id, exc)
+                state.reasons[exc.reason] += 1
+                state.failures.append({"key": s.key, "reason": exc.reason, "detail": exc.detail, "action": "skipped"})
+                continue
             if s.error is not None:
                 action = "passthrough" if self.cfg.style.on_error == "passthrough" else "skipped"
                 image_ext = next((e for e in IMAGE_EXTS if e in s.raw), None)
@@ -537,8 +546,13 @@ class StyleStage:
                         summary[k] += v
                     del states[shard]
 
+        from tqdm import tqdm
+
+        # input images of this rank, with img/s (the total is unknown until the tars are read)
+        bar = tqdm(desc="style", unit="img", disable=not is_rank0(), dynamic_ncols=True)
         try:
             for chunk in loader:
+                bar.update(len(chunk["samples"]))
                 shard = chunk["shard"]
                 if shard not in states:
                     states[shard] = _ShardState(ShardWriter(self.out_dir, shard), time.time())
@@ -558,6 +572,7 @@ class StyleStage:
                 flush(keep=1)  # encode of this chunk overlaps the model on the next one
             flush(keep=0)
         finally:
+            bar.close()
             pool.shutdown(wait=True)
             for st in states.values():  # unfinished (error/kill): drop the temp tar, no done-marker
                 st.writer.__exit__(None, None, None)
@@ -658,7 +673,11 @@ def run(cfg: StageConfig) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m data_prep style", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m data_prep style",
+        description=__doc__.split("\n\n")[0],
+        epilog="recipe keys: docs/style.md",
+    )
     parser.add_argument("--config", help="YAML recipe (configs/style/stage.yaml)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. style.k=2")
     args = parser.parse_args(list(argv) if argv is not None else None)
@@ -667,9 +686,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = load_config(StageConfig, args.config, args.overrides)
     except ConfigError as exc:
-        log.error("config error: %s", exc)
-        return 2
-    summary = run(cfg)
+        return report_config_error(exc)
+    announce_run_folder(cfg.out.dir, "output folder")
+    try:
+        summary = run(cfg)
+    except ConfigError as exc:
+        return report_config_error(exc)
     log.info("style stage done: %s", json.dumps(summary, default=str))
     return 0
 

@@ -99,9 +99,10 @@ class Albef(nn.Module):
         super().__init__()
         self.opts = opts
         self.tokenizer = build_tokenizer(opts.text.name)
-        self.visual_encoder = build_vision_encoder(opts.vision, opts.image_size)
-        width = vision_width(self.visual_encoder)
         cfg = text_config(opts.text)
+        # a CNN tower's final feature map becomes image tokens projected to the fusion width
+        self.visual_encoder = build_vision_encoder(opts.vision, opts.image_size, token_width=cfg.hidden_size)
+        width = vision_width(self.visual_encoder)
         fusion_layer = cfg.num_hidden_layers // 2 if opts.fusion_layer is None else opts.fusion_layer
         self.text_encoder = FusionBert(cfg, fusion_layer, encoder_width=width)
         if opts.text.pretrained:

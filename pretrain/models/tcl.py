@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from pretrain.models import register
 from pretrain.models.albef import Albef, AlbefOptions
+from pretrain.models.encoders import token_grid
 from pretrain.models.momentum import autocast_like
 from pretrain.objectives import global_local_loss, intra_modal_loss, pool_patches
 
@@ -54,7 +55,7 @@ class Tcl(Albef):
         with torch.no_grad(), autocast_like(self.temp):
             prefix = getattr(self.visual_encoder_m, "num_prefix_tokens", 1)
             patches = self.vision_proj_m(s["image_embeds_m"][:, prefix:])
-            grid = tuple(self.visual_encoder_m.patch_embed.grid_size)
+            grid = token_grid(self.visual_encoder_m)
             image_local = pool_patches(F.normalize(patches.float(), dim=-1), grid, self.opts.lmi_grid)
             text_local = F.normalize(self.text_proj_m(s["text_hidden_m"][:, 1:]).float(), dim=-1)
         text_mask = s["tokens"].attention_mask[:, 1:]

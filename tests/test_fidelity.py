@@ -21,7 +21,9 @@ from pretrain.objectives import IGNORE, mask_tokens
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("recipe", ["albef", "albef_tiny", "albef_tiny_pretrained", "tcl", "tcl_tiny", "tcl_tiny_pretrained"])
+@pytest.mark.parametrize(
+    "recipe", ["albef", "albef_tiny", "albef_tiny_pretrained", "tcl", "tcl_tiny", "tcl_tiny_pretrained"]
+)
 def test_albef_and_tcl_recipes_tokenize_pretraining_captions_at_25(recipe):
     cfg = load_config(PretrainConfig, REPO / f"configs/pretrain/{recipe}.yaml", [], check_paths=False)
     assert cfg.model.text.max_length == 25

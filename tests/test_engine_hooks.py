@@ -139,7 +139,7 @@ def _run(tmp_path: Path, mode: str, recipe: str) -> object:
     env = subprocess_env(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
     proc = subprocess.run(
         [sys.executable, str(script), mode, str(out), str(config), f"run.dir={tmp_path / 'run'}"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=420,
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(out.read_text())

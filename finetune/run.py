@@ -106,7 +106,10 @@ def _train(cfg: FinetuneConfig, task: Any, backbone: Any, run_dir: Path, rank: i
     every = cfg.eval.every or loader.steps_per_epoch
     groups_fn = getattr(task, "param_groups", None)  # optional: e.g. a new head at a multiple of the learning rate
     groups = groups_fn(model) if callable(groups_fn) else None
-    trainer = Trainer(cfg, model, loader, evaluate=evaluate, eval_every=every, groups=groups)
+    from pretrain.mixgen import build_mixgen
+
+    augment = build_mixgen(cfg.mixgen, seed=cfg.run.seed, rank=rank)  # off unless the recipe enables it
+    trainer = Trainer(cfg, model, loader, augment=augment, evaluate=evaluate, eval_every=every, groups=groups)
     summary = trainer.fit()
     if summary.get("preempted"):
         log.warning("preempted: no final test evaluation; rerun the same command to resume")

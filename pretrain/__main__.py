@@ -44,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     from pretrain.data import ShardLoader
     from pretrain.engine import Trainer, check_resume
     from pretrain.export import load_init
+    from pretrain.mixgen import build_mixgen
 
     check_resume(cfg, detect_env().world_size)  # before any process group or model exists
     seed_everything(cfg.run.seed)  # same seed on every rank: identical initial weights before DeepSpeed's broadcast
@@ -54,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.model.init not in ("", "none") and env.rank == 0:
         log.info("model.init %s: %d missing, %d unexpected keys", cfg.model.init, *map(len, loaded.values()))
     loader = ShardLoader(cfg.data, seed=cfg.run.seed, rank=env.rank, world_size=env.world_size, train=True)
-    summary = Trainer(cfg, model, loader).fit()
+    augment = build_mixgen(cfg.mixgen, seed=cfg.run.seed, rank=env.rank)
+    summary = Trainer(cfg, model, loader, augment=augment).fit()
     if env.rank == 0:
         print(json.dumps(summary, indent=2))
     return 0

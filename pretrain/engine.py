@@ -5,15 +5,14 @@ Usage (see docs/pretrain.md)::
     env = init_distributed()                       # before building the loader (it needs rank/world size)
     model = build(cfg.model); load_init(model, cfg.model.init)
     loader = ShardLoader(cfg.data, seed=cfg.run.seed, rank=env.rank, world_size=env.world_size)
-    summary = Trainer(cfg, model, loader, evaluate=fn, eval_every=500).fit()
+    augment = build_mixgen(cfg.mixgen, seed=cfg.run.seed, rank=env.rank)   # None when mixgen.enabled is false
+    summary = Trainer(cfg, model, loader, augment=augment, evaluate=fn, eval_every=500).fit()
 
-``cfg`` needs the sections ``run``, ``train``, ``deepspeed``, ``data`` (for ``batch_size``, ``mean``/``std``)
-and optionally ``mixgen``. ``model(batch)`` returns ``{"loss", "losses": {...}}`` and may return
-``logit_scale``; a model may define ``after_optimizer_step()`` (temperature clamp, momentum update),
-``no_weight_decay()`` (parameter names), ``configure(cfg)`` (adopts keys of the validated recipe beyond its own
-section before DeepSpeed starts; checks belong in its options' ``validate``), ``images_to_log()`` (a dict of
-[N,3,H,W] tensors in [0,1] for TensorBoard grids, polled after every step) and ``on_train_end(run_dir)`` (every
-rank, once ``train.max_steps`` is reached; its dict joins the summary).
+``cfg`` needs the sections ``run``, ``train``, ``deepspeed``, ``data`` (for ``batch_size``, ``mean``/``std``).
+What the model must and may provide is spelled out in :mod:`pretrain.protocol` (``forward`` returning
+``{"loss", "losses"}``; optional ``commit_step``/``discard_step``, ``after_optimizer_step``, ``no_weight_decay``,
+``has_momentum``, ``configure``, ``images_to_log``, ``on_train_end``). The batch augmentation (MixGen) is a callable
+``augment(batch, step=, micro=)`` passed in, as timm passes ``mixup_fn``.
 
 Why not Accelerate: ``Accelerator.save_state`` writes registered custom objects (our loader position) from the
 main process only, so the other ranks' loader positions would be lost, and ``load_state`` unpickles them with
@@ -47,6 +46,15 @@ from launch.dist import init_distributed
 from launch.files import atomic_write_bytes, atomic_write_json
 from launch.rng import rng_state, seed_everything, set_rng_state
 from pretrain.flops import ForwardFlops, mfu, training_flops_per_sample
+from pretrain.protocol import (
+    AfterOptimizerStep,
+    BatchAugment,
+    ConfigAware,
+    ImageLogging,
+    StepState,
+    TrainEnd,
+    WeightDecayExempt,
+)
 
 log = logging.getLogger("vlp.engine")
 
@@ -68,10 +76,7 @@ class NonFiniteLossError(RuntimeError):
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """AdamW groups: weight decay on matrices only; none on biases, norms, 1-D params, the temperature and names
     the model lists in ``no_weight_decay()``."""
-    skip = set()
-    fn = getattr(model, "no_weight_decay", None)
-    if callable(fn):
-        skip = set(fn())
+    skip = set(model.no_weight_decay()) if isinstance(model, WeightDecayExempt) else set()
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -280,8 +285,10 @@ class Trainer:
     """DeepSpeed training loop with exact resume, agreed non-finite skipping, preemption and rank-0 logging.
 
     ``loader``: an iterable of batch dicts (``image``, ``text`` list, ...); if it has ``state_dict()`` /
-    ``load_state_dict()`` its position is checkpointed per rank, ``steps_per_epoch`` is passed to the model in
-    ``batch["steps_per_epoch"]``, and ``set_epoch(n)`` is called when a pass ends. ``evaluate(module, step)`` runs
+    ``load_state_dict()`` its position is checkpointed per rank, its ``steps_per_epoch`` (micro-batches per pass)
+    becomes ``batch["updates_per_epoch"]`` (divided by ``train.grad_accum``), and ``set_epoch(n)`` is called when a
+    pass ends. ``augment`` (:class:`~pretrain.protocol.BatchAugment`, e.g. MixGen) rewrites every training
+    micro-batch before the forward. ``evaluate(module, step)`` runs
     on every rank every ``eval_every`` steps and after the last one; its dict is logged as ``eval/<name>``.
     """
 
@@ -291,12 +298,14 @@ class Trainer:
         model: nn.Module,
         loader: Iterable[dict[str, Any]],
         *,
+        augment: BatchAugment | None = None,
         evaluate: Evaluate | None = None,
         eval_every: int | None = None,
         groups: list[dict[str, Any]] | None = None,
     ) -> None:
         self.cfg = cfg
         self.loader = loader
+        self.augment = augment
         self.evaluate = evaluate
         self.eval_every = eval_every
         self.run_dir = Path(cfg.run.dir)
@@ -304,9 +313,8 @@ class Trainer:
         self.env = init_distributed()
         self.rank, self.world = self.env.rank, self.env.world_size
         preempt.install()
-        configure = getattr(model, "configure", None)
-        if callable(configure):
-            configure(cfg)  # a model that adopts recipe keys beyond its own section (mean/std, seed)
+        if isinstance(model, ConfigAware):
+            model.configure(cfg)  # a model that adopts recipe keys beyond its own section (mean/std, seed)
         seed_everything(int(cfg.run.seed) + self.rank)
         self.engine = self._build_engine(model, groups)
         self.state = _State()
@@ -446,22 +454,23 @@ class Trainer:
         by the next one; ``train.max_nonfinite`` such batches in a row raise :class:`NonFiniteLossError` on
         every rank at the same point.
         """
-        cfg, tc = self.cfg, self.cfg.train
-        mixcfg = getattr(cfg, "mixgen", None)
+        tc = self.cfg.train
+        accum = int(tc.grad_accum)
+        per_epoch = getattr(self.loader, "steps_per_epoch", None)
+        # ALBEF's alpha ramp and similar schedules count optimizer updates: an epoch is per_epoch / accum of them
+        updates_per_epoch = per_epoch / accum if per_epoch else None
+        module = self.module
         results: list[tuple[float, dict[str, float], Any, float]] = []
         first = None
-        while len(results) < int(tc.grad_accum):
+        micro = 0  # micro-batches drawn for this update, skipped ones included: each gets its own augmentation
+        while len(results) < accum:
             td = time.perf_counter()
             raw = self._next_batch()
             self._data_time += time.perf_counter() - td
             self._batch_skipped += int(raw.get("skipped", 0) or 0)
-            raw["step"] = self.state.step
-            raw["steps_per_epoch"] = getattr(self.loader, "steps_per_epoch", None)
-            batch = raw
-            if mixcfg is not None and mixcfg.enabled:
-                from pretrain.mixgen import apply_mixgen
-
-                batch = apply_mixgen(raw, mixcfg, seed=int(cfg.run.seed), step=self.state.step, rank=self.rank)
+            raw["step"], raw["micro"], raw["updates_per_epoch"] = self.state.step, micro, updates_per_epoch
+            micro += 1
+            batch = raw if self.augment is None else self.augment(raw, step=self.state.step, micro=raw["micro"])
             device_batch = self._to_device(batch)
             if self.flops.total is None:
                 with self.flops.count():  # once per run: the forward FLOPs of one micro-batch
@@ -471,6 +480,12 @@ class Trainer:
                 out = self.engine(device_batch)
             bad, stop, loss, objectives = self._agree(out["loss"], out.get("losses", {}))
             preempted = preempted or stop
+            if isinstance(module, StepState):
+                # model state (queues) changes only for a batch every rank agreed to train on
+                if bad:
+                    module.discard_step()
+                else:
+                    module.commit_step()
             if bad:
                 del out
                 self.state.nonfinite_total += 1
@@ -501,7 +516,7 @@ class Trainer:
         from pretrain.monitor import Monitor
 
         cfg, tc = self.cfg, self.cfg.train
-        mixcfg = getattr(cfg, "mixgen", None)
+        image_log_every = int(self.augment.image_log_every or 0) if self.augment is not None else 0
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
@@ -517,9 +532,8 @@ class Trainer:
                 t0 = time.perf_counter()
                 self._data_time = 0.0
                 results, (raw, mixed), preempted = self._micro_batches(preempted)
-                after = getattr(self.module, "after_optimizer_step", None)
-                if callable(after):
-                    after()  # e.g. CLIP's temperature clamp, ALBEF's momentum update
+                if isinstance(self.module, AfterOptimizerStep):
+                    self.module.after_optimizer_step()  # e.g. CLIP's temperature clamp, ALBEF's momentum update
                 self.state.step += 1
                 self.state.samples += global_b
                 self.state.epoch = int(getattr(self.loader, "epoch", self.state.epoch))
@@ -531,12 +545,10 @@ class Trainer:
                 if step % max(1, int(tc.log_every)) == 0 or step in (1, tc.max_steps):
                     self._log_step(monitor, step, results, window, global_b, last_grad_norm)
                     window = _Window(skipped_base=self._loader_skipped())
-                if mixcfg is not None and mixcfg.enabled and mixcfg.image_log_every:
-                    if step % int(mixcfg.image_log_every) == 0:
-                        self._log_mixgen(monitor, step, raw, mixed)
-                images_fn = getattr(self.module, "images_to_log", None)
-                if callable(images_fn):
-                    images = images_fn()  # the model decides when; [N,3,H,W] tensors in [0, 1] per tag
+                if image_log_every and step % image_log_every == 0:
+                    self._log_mixgen(monitor, step, raw, mixed)
+                if isinstance(self.module, ImageLogging):
+                    images = self.module.images_to_log()  # the model decides when; [N,3,H,W] in [0, 1] per tag
                     if images:
                         monitor.image_grids(step, images)
                 if self.evaluate is not None and self.eval_every and step < tc.max_steps:
@@ -555,9 +567,9 @@ class Trainer:
                     break
             if not preempted and self.state.step > start_step and self.evaluate is not None:
                 self._run_eval(monitor, self.state.step)
-            end_fn = getattr(self.module, "on_train_end", None)
-            if not preempted and self.state.step >= tc.max_steps and callable(end_fn):
-                self.extra_summary = dict(end_fn(self.run_dir) or {})  # e.g. the style network's stage checkpoint
+            if not preempted and self.state.step >= tc.max_steps and isinstance(self.module, TrainEnd):
+                # e.g. the style network's stage checkpoint
+                self.extra_summary = dict(self.module.on_train_end(self.run_dir) or {})
                 dist.barrier()
         finally:
             monitor.close()

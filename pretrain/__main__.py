@@ -12,7 +12,7 @@ import argparse
 import json
 import sys
 
-from launch.config import exits_on_config_error
+from launch.config import ConfigError, exits_on_config_error
 from launch.logging import announce_run_folder, quiet_libraries, setup_logging
 
 
@@ -34,6 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     from pretrain.config import load_pretrain_config
 
     cfg = load_pretrain_config(args.config, args.overrides)
+    if not cfg.data.shards:
+        raise ConfigError("data.shards: required (a path, glob or brace pattern of .tar shards)")
     announce_run_folder(cfg.run.dir)
     log = setup_logging()
     quiet_libraries()

@@ -127,10 +127,7 @@ class PretrainConfig:
 @register_recipe("pretrain", PretrainConfig)
 def load_pretrain_config(path: str | None, overrides: Sequence[str] = ()) -> PretrainConfig:
     """The validated pretraining recipe (also what ``python -m launch`` checks before submitting)."""
-    cfg = load_config(PretrainConfig, path, overrides)
-    if not cfg.data.shards:
-        raise ConfigError("data.shards: required (a path, glob or brace pattern of .tar shards)")
-    return cfg
+    return load_config(PretrainConfig, path, overrides)
 
 
 def _model_options(model: Any) -> Any:

@@ -508,4 +508,3 @@ def wpa_loss(distance: torch.Tensor, itm_labels: torch.Tensor) -> torch.Tensor:
     """ViLT's ``ot_loss``: ``(sum d(positive pairs) - sum d(negative pairs)) / B`` (aligned pairs must be closer)."""
     pos = itm_labels == 1
     return (distance[pos].sum() - distance[~pos].sum()) / distance.shape[0]
-

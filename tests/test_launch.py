@@ -189,9 +189,19 @@ def test_preflight_check_validates_through_the_entry_registry(tmp_path, monkeypa
     from launch import recipes
 
     cfg = LaunchConfig(cluster="local", tasks_per_node=1)
+    finetune = REPO / "configs/finetune/retrieval_synthetic.yaml"
+    test_json = tmp_path / "test.json"
+    test_json.write_text('[{"image": "a.jpg", "caption": ["x"]}]')
+    with pytest.raises(ConfigError, match="task.train_json: required"):  # the finetune loader's check, not the schema's
+        overrides = [
+            f"run.dir={tmp_path / 'run'}",
+            "model.init=none",
+            "task.train_json=null",
+            "task.val_json=null",
+            f"task.image_root={tmp_path}",
+        ]
+        submit(Entry("finetune"), finetune, [*overrides, f"task.test_json={test_json}"], cfg, check=True)
     recipe = REPO / "configs/pretrain/clip_tiny.yaml"
-    with pytest.raises(ConfigError, match="data.shards: required"):  # a check of pretrain's loader, not the schema
-        submit(Entry("pretrain"), recipe, [f"run.dir={tmp_path / 'run'}", "data.shards=null"], cfg, check=True)
     monkeypatch.setitem(recipes.MODULES, "pretrain", "pretrain.no_such_module")
     monkeypatch.setattr(recipes._RECIPES, "_entries", {})
     with pytest.raises(ConfigError, match="registers no recipe loader"):

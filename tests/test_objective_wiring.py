@@ -219,9 +219,7 @@ def _ref_global_local(local: torch.Tensor, glob: torch.Tensor, mask: torch.Tenso
     per_sample = []
     for b in range(bsz):
         terms = []
-        negatives = [
-            float(glob[b] @ local[o, j]) / temp for o in range(bsz) if o != b for j in range(n) if mask[o, j]
-        ]
+        negatives = [float(glob[b] @ local[o, j]) / temp for o in range(bsz) if o != b for j in range(n) if mask[o, j]]
         for j in range(n):
             if not mask[b, j]:
                 continue

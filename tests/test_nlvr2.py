@@ -247,7 +247,8 @@ DRIVER = textwrap.dedent(
     for name in models:
         args = ["--config", f"configs/finetune/nlvr2_synthetic_{name}.yaml", "model.init=none", *tiny[name], *tasks,
                 "data.image_size=32", "data.batch_size=8", "data.num_workers=0", "train.log_every=1",
-                "train.checkpoint_every=2", "train.warmup_steps=1", "eval.every=2"]
+                "train.checkpoint_every=2", "train.keep_checkpoints=2", "train.warmup_steps=1",
+                "eval.every=2"]
         for run in sys.argv[5].split(","):
             steps = run.split(":")[1]
             assert finetune([*args, f"run.dir={out}/{name}_{run.split(':')[0]}", f"train.max_steps={steps}"]) == 0

@@ -121,11 +121,24 @@ def children_cpu() -> float:
     return r.ru_utime + r.ru_stime
 
 
+def stats_rate(out: str) -> float:
+    """Samples per second by the tool's own per-shard stats: successes / (last shard end - first shard start)."""
+    starts, ends, ok = [], [], 0
+    for name in os.listdir(out):
+        if name.endswith("_stats.json"):
+            with open(os.path.join(out, name)) as fh:
+                st = json.load(fh)
+            starts.append(st["start_time"])
+            ends.append(st["end_time"])
+            ok += st["successes"]
+    return ok / (max(ends) - min(starts))
+
+
 def load() -> str:
     return f"{os.getloadavg()[0]:.1f}"
 
 
-def run_ours(tsv: str, out: str, image_size: int, workers: int, threads: int) -> tuple[float, float, int]:
+def run_ours(tsv: str, out: str, image_size: int, workers: int, threads: int) -> tuple[float, float, int, float]:
     shutil.rmtree(out, ignore_errors=True)
     cmd = [
         sys.executable, "-m", "data_prep", "build", "source.format=cc3m", f"source.tsv={tsv}", f"out.dir={out}",
@@ -139,10 +152,12 @@ def run_ours(tsv: str, out: str, image_size: int, workers: int, threads: int) ->
     if proc.returncode != 0:
         raise RuntimeError(proc.stdout[-2000:] + proc.stderr[-2000:])
     with open(os.path.join(out, "manifest.json")) as fh:
-        return dt, cpu, json.load(fh)["num_samples"]
+        return dt, cpu, json.load(fh)["num_samples"], stats_rate(out)
 
 
-def run_i2d(exe: str, tsv: str, out: str, image_size: int, workers: int, threads: int) -> tuple[float, float, int]:
+def run_i2d(
+    exe: str, tsv: str, out: str, image_size: int, workers: int, threads: int
+) -> tuple[float, float, int, float]:
     shutil.rmtree(out, ignore_errors=True)
     cmd = [
         exe, "--url_list", tsv, "--input_format", "tsv", "--url_col", "url", "--caption_col", "caption",
@@ -163,7 +178,7 @@ def run_i2d(exe: str, tsv: str, out: str, image_size: int, workers: int, threads
         if name.endswith("_stats.json"):
             with open(os.path.join(out, name)) as fh:
                 ok += json.load(fh)["successes"]
-    return dt, cpu, ok
+    return dt, cpu, ok, stats_rate(out)
 
 
 def main() -> None:
@@ -205,11 +220,11 @@ def main() -> None:
             f" -> {args.image_size} keep_ratio, {args.workers} processes; {os.cpu_count()} CPUs; best of"
             f" {args.rounds} interleaved rounds; img2dataset: {'yes' if have_i2d else 'not installed'}"
         )
-        best: dict[tuple[str, int], tuple[float, float, str]] = {}
+        best: dict[tuple[str, int], tuple[float, float, str, float]] = {}
 
-        def keep(key: tuple[str, int], wall: float, cpu: float, ld: str) -> None:
-            old = best.get(key, (0.0, 0.0, ""))
-            best[key] = (max(old[0], wall), max(old[1], cpu), ld if wall > old[0] else old[2])
+        def keep(key: tuple[str, int], wall: float, cpu: float, ld: str, own: float = 0.0) -> None:
+            old = best.get(key, (0.0, 0.0, "", 0.0))
+            best[key] = (max(old[0], wall), max(old[1], cpu), ld if wall > old[0] else old[2], max(old[3], own))
 
         reps = max(1, args.num // (distinct * args.workers))  # about as many images as a build
         for rnd in range(args.rounds):
@@ -217,26 +232,28 @@ def main() -> None:
             keep(("bare", 0), *bare_limit(images, args.image_size, args.workers, reps), ld)
             for t in threads:
                 ld = load()
-                dt, cpu, n = run_ours(tsv, os.path.join(tmp, "ours"), args.image_size, args.workers, t)
+                dt, cpu, n, own = run_ours(tsv, os.path.join(tmp, "ours"), args.image_size, args.workers, t)
                 assert n == args.num, n
-                keep(("ours", t), n / dt, n / cpu, ld)
+                keep(("ours", t), n / dt, n / cpu, ld, own)
                 if have_i2d:
                     ld = load()
-                    dt, cpu, n = run_i2d(args.i2d, tsv, os.path.join(tmp, "i2d"), args.image_size, args.workers, t)
-                    keep(("i2d", t), n / dt, n / cpu, ld)
+                    dt, cpu, n, own = run_i2d(args.i2d, tsv, os.path.join(tmp, "i2d"), args.image_size, args.workers, t)
+                    keep(("i2d", t), n / dt, n / cpu, ld, own)
             print(f"round {rnd + 1} done", flush=True)
         bare = best[("bare", 0)]
         print(
             f"\n{'pipeline':<36} {'thr':>4} {'img/s':>7} {'vs i2d':>7} {'vs bare':>8} {'img/CPU-s':>9} {'vs i2d':>7}"
-            f" {'vs bare':>8} {'load':>5}"
+            f" {'vs bare':>8} {'stats/s':>7} {'vs i2d':>7} {'load':>5}"
         )
 
-        def row(label: str, t: str, r: tuple[float, float, str], ref: tuple[float, float, str] | None) -> None:
+        def row(label: str, t: str, r: tuple, ref: tuple | None) -> None:
             vs_wall = f"{r[0] / ref[0]:.2f}x" if ref else "-"
             vs_cpu = f"{r[1] / ref[1]:.2f}x" if ref else "-"
+            own = f"{r[3]:.1f}" if r[3] else "-"
+            vs_own = f"{r[3] / ref[3]:.2f}x" if ref and ref[3] and r[3] else "-"
             print(
                 f"{label:<36} {t:>4} {r[0]:>7.1f} {vs_wall:>7} {r[0] / bare[0]:>8.0%} {r[1]:>9.1f} {vs_cpu:>7}"
-                f" {r[1] / bare[1]:>8.0%} {r[2]:>5}"
+                f" {r[1] / bare[1]:>8.0%} {own:>7} {vs_own:>7} {r[2]:>5}"
             )
 
         row(f"bare loop, {args.workers} procs (anchor)", "-", bare, None)
@@ -247,7 +264,8 @@ def main() -> None:
                 row("img2dataset", str(t), i2d, i2d)
         print(
             "\nimg/s = samples written / wall time of the whole command (start-up included); img/CPU-s = samples per"
-            "\nCPU-second of the command and all its processes (the server excluded); load = 1-min load average."
+            "\nCPU-second of the command and all its processes (the server excluded); stats/s = the tool's own"
+            "\nper-shard stats (successes / first shard start to last shard end: no start-up); load = 1-min average."
         )
     finally:
         stop.set()

@@ -89,13 +89,15 @@ def main(argv: list[str] | None = None) -> int:
         return time.perf_counter() - start
 
     run(None)  # warm-up
-    rows = [("classifier", "-", run(None))] + [("decoder", str(k), run(k)) for k in args.ks]
-    anchor = rows[0][2]
     print(f"ALBEF tiny, {args.questions} questions, {args.answers} answers (max {cand_ids.shape[1]} tokens), "
           f"batch {args.batch}, {args.threads} thread(s)")  # fmt: skip
-    print(f"{'head':<12}{'k_test':>8}{'seconds':>10}{'q/s':>10}{'xanchor':>10}")
-    for head, k, sec in rows:
-        print(f"{head:<12}{k:>8}{sec:>10.2f}{args.questions / sec:>10.1f}{sec / anchor:>10.1f}")
+    print(f"{'head':<12}{'k_test':>8}{'seconds':>10}{'q/s':>10}{'xanchor':>10}", flush=True)
+    anchor = None
+    for head, k in [("classifier", None)] + [("decoder", k) for k in args.ks]:
+        sec = run(k)
+        anchor = anchor or sec
+        label = "-" if k is None else str(k)
+        print(f"{head:<12}{label:>8}{sec:>10.2f}{args.questions / sec:>10.1f}{sec / anchor:>10.1f}", flush=True)
     print(f"peak RSS {peak_rss_mb():.0f} MB")
     return 0
 

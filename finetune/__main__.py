@@ -157,6 +157,10 @@ def main(argv: list[str] | None = None) -> int:
     seed_everything(cfg.run.seed)  # identical initial weights on every rank
     _, build = models.get(cfg.model.name)
     backbone = build(cfg.model)
+    _, task_cls = tasks.get(cfg.task.name)
+    heads = tuple(getattr(task_cls, "init_optional_keys", ()))
+    if heads:  # a task head saved with the backbone (best.safetensors) may be absent from model.init, or present
+        backbone.init_optional_keys = tuple(getattr(backbone, "init_optional_keys", ())) + heads
     try:  # before any process group: weights of another model are a config error, not a traceback per rank
         loaded = load_backbone_init(backbone, cfg.model.init, cfg.model.name)
     except InitMismatchError as exc:

@@ -326,7 +326,7 @@ def eval_image_batches(
         num_workers=num_workers,
         collate_fn=_collate_eval,
     )
-    with tqdm(total=len(refs), desc=desc, unit="img", disable=not is_rank0(), dynamic_ncols=True, leave=False) as bar:
+    with tqdm(total=len(refs), desc=desc, unit="img", disable=not is_rank0(), dynamic_ncols=True) as bar:
         for batch in loader:
             yield batch
             bar.update(len(batch["index"]) + len(batch["failed"]))

@@ -29,6 +29,7 @@ TINY = {
     ("data_prep inspect", None): ["--num", "4"],
     ("launch local data_prep style", "configs/style/stage.yaml"): [
         "--nproc", "1", "data.batch_size=4", "data.num_workers=0", "out.tensorboard=false", "out.grid_images=2",
+        "model.use_predictor=false",  # 32 px is below the predictor's 43 px minimum
     ],
     ("launch local pretrain", "configs/pretrain/clip_tiny.yaml"): [*TRAIN_TINY, *CLIP_TINY],
     ("launch local pretrain", "configs/pretrain/albef_tiny.yaml"): [
@@ -83,6 +84,10 @@ def test_readme_tour_runs_top_to_bottom(tmp_path):
         if key[0].startswith(("launch", "data_prep build", "data_prep synthetic")):
             first = proc.stdout.splitlines()[0]
             assert first.startswith(("run folder: ", "output folder: ")), proc.stdout[:500]
+        if key[0] in ("launch local pretrain", "launch local finetune"):
+            assert "checkpoint saved: " in proc.stderr and "step2" in proc.stderr  # one log line per checkpoint
+        if key[0] == "launch local data_prep style":
+            assert "img/s" in proc.stderr  # rank 0's progress bar
     assert seen == set(TINY)
 
     tour = tmp_path / "runs" / "tour"

@@ -356,11 +356,11 @@ def test_decoder_resume_after_sigkill_matches_uninterrupted_run_and_evalai_file(
             "eval.every=100", "eval.k_test=10", "eval.qualitative=2", "task.min_answer_count=2",
             *[f"{k}={v}" for k, v in TINY_ALBEF.items()]]  # fmt: skip
     full, killed = tmp_path / "full", tmp_path / "killed"
-    proc = run_torchrun([*args, f"run.dir={full}"], timeout=600)
+    proc = run_torchrun([*args, f"run.dir={full}"], timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    proc = run_torchrun([*args, f"run.dir={killed}"], timeout=600, VLP_KILL_AFTER_STEP="3")
+    proc = run_torchrun([*args, f"run.dir={killed}"], timeout=900, VLP_KILL_AFTER_STEP="3")
     assert proc.returncode != 0 and not (killed / "results.json").exists()
-    proc = run_torchrun([*args, f"run.dir={killed}"], timeout=600)
+    proc = run_torchrun([*args, f"run.dir={killed}"], timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
 
     reference = {r["step"]: r for r in read_metrics(full)}

@@ -250,6 +250,8 @@ def attach_head(backbone: nn.Module) -> None:
 class EntailmentTask:
     """SNLI-VE fine-tuning and evaluation for the shared engine (see the module docstring)."""
 
+    init_optional_keys = (HEAD + ".",)  # the head may be absent from model.init (a pretrain run)
+
     def __init__(self, cfg: Any, rank: int = 0, world: int = 1) -> None:
         self.cfg, self.opts, self.rank, self.world = cfg, cfg.task, rank, world
         self.store = ImageStore(self.opts.image_root or ".")

@@ -417,8 +417,8 @@ class Nlvr2Model(nn.Module):
         return momentum_pairs([getattr(self.backbone, n) for n in names], [self.teacher[n] for n in names])
 
     def forward(self, batch: dict[str, Any]) -> dict[str, Any]:
-        from pretrain.models.albef import ramp_alpha
         from pretrain.models.momentum import autocast_like, ema_update
+        from pretrain.objectives import ramp_alpha
 
         images, texts, labels = batch["image"], batch["text"], batch["label"]
         logits = pair_logits(self.backbone, images, texts, self.pair_mode)
@@ -427,7 +427,7 @@ class Nlvr2Model(nn.Module):
         losses = {"ce": ce.detach()}
         loss = ce
         if self.distill:
-            alpha = ramp_alpha(self.alpha, batch)
+            alpha = ramp_alpha(self.alpha, batch.get("step"), batch.get("updates_per_epoch"))
             with torch.no_grad(), autocast_like(next(self.backbone.parameters())):
                 if self.training:
                     ema_update(self._pairs(), self.m)

@@ -203,9 +203,12 @@ def main(argv: list[str] | None = None) -> int:
             return _scalars(metrics)
 
         every = cfg.eval.every or loader.steps_per_epoch
+        from pretrain.mixgen import build_mixgen
+
+        augment = build_mixgen(cfg.mixgen, seed=cfg.run.seed, rank=env.rank)  # off unless the recipe enables it
         groups_fn = getattr(task, "param_groups", None)  # e.g. a head at a multiple of the learning rate
         groups = groups_fn(model) if callable(groups_fn) else None
-        trainer = Trainer(cfg, model, loader, evaluate=evaluate, eval_every=every, groups=groups)
+        trainer = Trainer(cfg, model, loader, augment=augment, evaluate=evaluate, eval_every=every, groups=groups)
         summary = trainer.fit()
         if summary.get("preempted"):
             log.warning("preempted: no final test evaluation; rerun the same command to resume")

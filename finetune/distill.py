@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pretrain.models.momentum import MomentumModules, ema_update, momentum_copy, momentum_pairs
+from pretrain.objectives import ramp_alpha
 
 
 def has_momentum_encoders(backbone: nn.Module) -> bool:
@@ -29,13 +30,11 @@ def has_momentum_encoders(backbone: nn.Module) -> bool:
 
 
 def ramp(alpha: float, batch: dict[str, Any] | None, warmup: bool) -> float:
-    """``alpha``, scaled by ``min(1, step / steps_per_epoch)`` when ``warmup`` (ALBEF's first-epoch ramp)."""
+    """``alpha``, scaled by ``min(1, step / updates_per_epoch)`` when ``warmup`` (ALBEF's first-epoch ramp, counted
+    in optimizer updates: :func:`pretrain.objectives.ramp_alpha`)."""
     if not warmup or batch is None:
         return alpha
-    step, per_epoch = batch.get("step"), batch.get("steps_per_epoch")
-    if step is None or not per_epoch:
-        return alpha
-    return alpha * min(1.0, float(step) / float(per_epoch))
+    return ramp_alpha(alpha, batch.get("step"), batch.get("updates_per_epoch"))
 
 
 class Distiller(nn.Module):

@@ -49,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     from pretrain.data import ShardLoader
     from pretrain.engine import Trainer, check_resume, check_zero_stage, init_distributed
     from pretrain.export import load_init
+    from pretrain.mixgen import build_mixgen
 
     try:
         check_resume(cfg, detect_env().world_size)  # before any process group or model exists
@@ -67,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
         log.info("model.init %s: %d missing, %d unexpected keys", cfg.model.init, *map(len, loaded.values()))
     loader = ShardLoader(cfg.data, seed=cfg.run.seed, rank=env.rank, world_size=env.world_size, train=True)
     try:
-        summary = Trainer(cfg, model, loader).fit()
+        augment = build_mixgen(cfg.mixgen, seed=cfg.run.seed, rank=env.rank)
+        summary = Trainer(cfg, model, loader, augment=augment).fit()
     except ConfigError as exc:
         return report_config_error(exc)
     if env.rank == 0:

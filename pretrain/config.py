@@ -20,7 +20,7 @@ class DataConfig:
     image_size: int = 224
     shuffle_buffer: int = 1000
     samples_per_epoch: int | None = None  # None: read from manifest.json beside the shards
-    transform: Literal["albef", "clip", "none"] = "albef"
+    transform: Literal["albef", "tcl", "clip", "none"] = "albef"  # tcl: albef + colour jitter, grayscale, blur
     crop_scale: tuple[float, float] = (0.5, 1.0)
     randaugment: bool = False
     mean: tuple[float, float, float] = CLIP_MEAN

@@ -5,15 +5,14 @@ Usage (see docs/pretrain.md)::
     env = init_distributed()                       # before building the loader (it needs rank/world size)
     model = build(cfg.model); load_init(model, cfg.model.init)
     loader = ShardLoader(cfg.data, seed=cfg.run.seed, rank=env.rank, world_size=env.world_size)
-    summary = Trainer(cfg, model, loader, evaluate=fn, eval_every=500).fit()
+    augment = build_mixgen(cfg.mixgen, seed=cfg.run.seed, rank=env.rank)   # None when mixgen.enabled is false
+    summary = Trainer(cfg, model, loader, augment=augment, evaluate=fn, eval_every=500).fit()
 
-``cfg`` needs the sections ``run``, ``train``, ``deepspeed``, ``data`` (for ``batch_size``, ``mean``/``std``)
-and optionally ``mixgen``. ``model(batch)`` returns ``{"loss", "losses": {...}}`` and may return
-``logit_scale``; a model may define ``after_optimizer_step()`` (temperature clamp, momentum update),
-``no_weight_decay()`` (parameter names) and ``has_momentum`` (rejects ZeRO-3), ``configure(cfg)`` (reads/validates
-the whole recipe before DeepSpeed starts), ``images_to_log()`` (a dict of [N,3,H,W] tensors in [0,1] for TensorBoard
-grids, polled after every step) and ``on_train_end(run_dir)`` (every rank, once ``train.max_steps`` is reached; its
-dict joins the summary).
+``cfg`` needs the sections ``run``, ``train``, ``deepspeed``, ``data`` (for ``batch_size``, ``mean``/``std``).
+What the model must and may provide is spelled out in :mod:`pretrain.protocol` (``forward`` returning
+``{"loss", "losses"}``; optional ``commit_step``/``discard_step``, ``after_optimizer_step``, ``no_weight_decay``,
+``has_momentum``, ``configure``, ``images_to_log``, ``on_train_end``). The batch augmentation (MixGen) is a callable
+``augment(batch, step=, micro=)`` passed in, as timm passes ``mixup_fn``.
 
 Why not Accelerate: ``Accelerator.save_state`` writes registered custom objects (our loader position) from the
 main process only, so the other ranks' loader positions would be lost, and ``load_state`` unpickles them with
@@ -45,6 +44,16 @@ from launch import preempt
 from launch.checkpoint import atomic_write_bytes, atomic_write_json, rng_state, seed_everything, set_rng_state
 from launch.config import ConfigError, save_config
 from launch.dist import DistEnv, detect_env, export_env
+from pretrain.protocol import (
+    AfterOptimizerStep,
+    BatchAugment,
+    ConfigAware,
+    ImageLogging,
+    StepState,
+    TrainEnd,
+    WeightDecayExempt,
+    has_momentum,
+)
 
 log = logging.getLogger("vlp.engine")
 
@@ -78,7 +87,7 @@ def init_distributed() -> DistEnv:
 
 def check_zero_stage(model: nn.Module, stage: int) -> None:
     """Refuse ZeRO-3 for models with momentum (EMA) encoders: they read and write full parameters in place."""
-    if stage == 3 and getattr(model, "has_momentum", False):
+    if stage == 3 and has_momentum(model):
         raise ConfigError(
             f"deepspeed.zero_stage=3 is not supported for model '{type(model).__name__}': its momentum (EMA) "
             "encoder reads and writes full parameters, which ZeRO-3 partitions across ranks; use stage 1 or 2"
@@ -92,10 +101,7 @@ def check_zero_stage(model: nn.Module, stage: int) -> None:
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """AdamW groups: weight decay on matrices only; none on biases, norms, 1-D params, the temperature and names
     the model lists in ``no_weight_decay()``."""
-    skip = set()
-    fn = getattr(model, "no_weight_decay", None)
-    if callable(fn):
-        skip = set(fn())
+    skip = set(model.no_weight_decay()) if isinstance(model, WeightDecayExempt) else set()
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -311,8 +317,10 @@ class Trainer:
     """DeepSpeed training loop with exact resume, agreed non-finite skipping, preemption and rank-0 logging.
 
     ``loader``: an iterable of batch dicts (``image``, ``text`` list, ...); if it has ``state_dict()`` /
-    ``load_state_dict()`` its position is checkpointed per rank, ``steps_per_epoch`` is passed to the model in
-    ``batch["steps_per_epoch"]``, and ``set_epoch(n)`` is called when a pass ends. ``evaluate(module, step)`` runs
+    ``load_state_dict()`` its position is checkpointed per rank, its ``steps_per_epoch`` (micro-batches per pass)
+    becomes ``batch["updates_per_epoch"]`` (divided by ``train.grad_accum``), and ``set_epoch(n)`` is called when a
+    pass ends. ``augment`` (:class:`~pretrain.protocol.BatchAugment`, e.g. MixGen) rewrites every training
+    micro-batch before the forward. ``evaluate(module, step)`` runs
     on every rank every ``eval_every`` steps and after the last one; its dict is logged as ``eval/<name>``.
     """
 
@@ -322,12 +330,14 @@ class Trainer:
         model: nn.Module,
         loader: Iterable[dict[str, Any]],
         *,
+        augment: BatchAugment | None = None,
         evaluate: Evaluate | None = None,
         eval_every: int | None = None,
         groups: list[dict[str, Any]] | None = None,
     ) -> None:
         self.cfg = cfg
         self.loader = loader
+        self.augment = augment
         self.evaluate = evaluate
         self.eval_every = eval_every
         self.run_dir = Path(cfg.run.dir)
@@ -336,9 +346,8 @@ class Trainer:
         self.rank, self.world = self.env.rank, self.env.world_size
         preempt.install()
         check_zero_stage(model, int(cfg.deepspeed.zero_stage))
-        configure = getattr(model, "configure", None)
-        if callable(configure):
-            configure(cfg)  # a model that needs recipe keys beyond its own section (raises ConfigError)
+        if isinstance(model, ConfigAware):
+            model.configure(cfg)  # a model that needs recipe keys beyond its own section (raises ConfigError)
         seed_everything(int(cfg.run.seed) + self.rank)
         self.engine = self._build_engine(model, groups)
         self.state = _State()
@@ -476,25 +485,32 @@ class Trainer:
         by the next one; ``train.max_nonfinite`` such batches in a row raise :class:`NonFiniteLossError` on
         every rank at the same point.
         """
-        cfg, tc = self.cfg, self.cfg.train
-        mixcfg = getattr(cfg, "mixgen", None)
+        tc = self.cfg.train
+        accum = int(tc.grad_accum)
+        per_epoch = getattr(self.loader, "steps_per_epoch", None)
+        # ALBEF's alpha ramp and similar schedules count optimizer updates: an epoch is per_epoch / accum of them
+        updates_per_epoch = per_epoch / accum if per_epoch else None
+        module = self.module
         results: list[tuple[float, dict[str, float], Any, float]] = []
         first = None
-        while len(results) < int(tc.grad_accum):
+        micro = 0  # micro-batches drawn for this update, skipped ones included: each gets its own augmentation
+        while len(results) < accum:
             td = time.perf_counter()
             raw = self._next_batch()
             self._data_time += time.perf_counter() - td
             self._batch_skipped += int(raw.get("skipped", 0) or 0)
-            raw["step"] = self.state.step
-            raw["steps_per_epoch"] = getattr(self.loader, "steps_per_epoch", None)
-            batch = raw
-            if mixcfg is not None and mixcfg.enabled:
-                from pretrain.mixgen import apply_mixgen
-
-                batch = apply_mixgen(raw, mixcfg, seed=int(cfg.run.seed), step=self.state.step, rank=self.rank)
+            raw["step"], raw["micro"], raw["updates_per_epoch"] = self.state.step, micro, updates_per_epoch
+            micro += 1
+            batch = raw if self.augment is None else self.augment(raw, step=self.state.step, micro=raw["micro"])
             out = self.engine(self._to_device(batch))
             bad, stop, loss, objectives = self._agree(out["loss"], out.get("losses", {}))
             preempted = preempted or stop
+            if isinstance(module, StepState):
+                # model state (queues) changes only for a batch every rank agreed to train on
+                if bad:
+                    module.discard_step()
+                else:
+                    module.commit_step()
             if bad:
                 del out
                 self.state.nonfinite_total += 1
@@ -525,7 +541,7 @@ class Trainer:
         from pretrain.monitor import Monitor
 
         cfg, tc = self.cfg, self.cfg.train
-        mixcfg = getattr(cfg, "mixgen", None)
+        image_log_every = int(self.augment.image_log_every or 0) if self.augment is not None else 0
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
@@ -541,9 +557,8 @@ class Trainer:
                 t0 = time.perf_counter()
                 self._data_time = 0.0
                 results, (raw, mixed), preempted = self._micro_batches(preempted)
-                after = getattr(self.module, "after_optimizer_step", None)
-                if callable(after):
-                    after()  # e.g. CLIP's temperature clamp, ALBEF's momentum update
+                if isinstance(self.module, AfterOptimizerStep):
+                    self.module.after_optimizer_step()  # e.g. CLIP's temperature clamp, ALBEF's momentum update
                 self.state.step += 1
                 self.state.samples += global_b
                 self.state.epoch = int(getattr(self.loader, "epoch", self.state.epoch))
@@ -555,12 +570,10 @@ class Trainer:
                 if step % max(1, int(tc.log_every)) == 0 or step in (1, tc.max_steps):
                     self._log_step(monitor, step, results, window, global_b, last_grad_norm)
                     window = _Window(skipped_base=self._loader_skipped())
-                if mixcfg is not None and mixcfg.enabled and mixcfg.image_log_every:
-                    if step % int(mixcfg.image_log_every) == 0:
-                        self._log_mixgen(monitor, step, raw, mixed)
-                images_fn = getattr(self.module, "images_to_log", None)
-                if callable(images_fn):
-                    images = images_fn()  # the model decides when; [N,3,H,W] tensors in [0, 1] per tag
+                if image_log_every and step % image_log_every == 0:
+                    self._log_mixgen(monitor, step, raw, mixed)
+                if isinstance(self.module, ImageLogging):
+                    images = self.module.images_to_log()  # the model decides when; [N,3,H,W] in [0, 1] per tag
                     if images:
                         monitor.image_grids(step, images)
                 if self.evaluate is not None and self.eval_every and step < tc.max_steps:
@@ -579,9 +592,9 @@ class Trainer:
                     break
             if not preempted and self.state.step > start_step and self.evaluate is not None:
                 self._run_eval(monitor, self.state.step)
-            end_fn = getattr(self.module, "on_train_end", None)
-            if not preempted and self.state.step >= tc.max_steps and callable(end_fn):
-                self.extra_summary = dict(end_fn(self.run_dir) or {})  # e.g. the style network's stage checkpoint
+            if not preempted and self.state.step >= tc.max_steps and isinstance(self.module, TrainEnd):
+                # e.g. the style network's stage checkpoint
+                self.extra_summary = dict(self.module.on_train_end(self.run_dir) or {})
                 dist.barrier()
         finally:
             monitor.close()

@@ -21,10 +21,9 @@ from finetune.tasks.retrieval import (
     Adapter,
     encode_split,
     evaluate_retrieval,
-    idx_contrastive_loss,
-    idx_targets,
     score_matrix,
 )
+from pretrain.objectives import idx_contrastive_loss, idx_targets
 
 # ------------------------------------------------------------------------------------------ hand-built scoring
 # 3 images x 2 captions: image i owns texts 2i, 2i+1. S[i, t] is the similarity of image i and text t.

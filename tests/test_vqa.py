@@ -214,8 +214,8 @@ def test_classifier_bce_and_distillation_by_hand():
     mixed = distilled_bce(logits, targets, teacher, 0.4).item()
     assert mixed == pytest.approx(0.6 * by_hand + 0.4 * by_hand_soft, rel=1e-6)
     assert distilled_bce(logits, targets, teacher, 0.0).item() == pytest.approx(by_hand, rel=1e-6)
-    assert ramp(0.4, {"step": 25, "steps_per_epoch": 100}, True) == pytest.approx(0.1)
-    assert ramp(0.4, {"step": 25, "steps_per_epoch": 100}, False) == 0.4
+    assert ramp(0.4, {"step": 25, "updates_per_epoch": 100}, True) == pytest.approx(0.1)
+    assert ramp(0.4, {"step": 25, "updates_per_epoch": 100}, False) == 0.4
 
 
 def test_decoder_answer_loss_by_hand():

@@ -58,8 +58,8 @@ from finetune.distill import Distiller, has_momentum_encoders
 from finetune.metrics import chance_recalls, retrieval_recalls
 from finetune.tasks import TaskOptions, register
 from launch.config import ConfigError, exists_field
-from pretrain.losses import gather_features
 from pretrain.models.momentum import autocast_like
+from pretrain.objectives import hard_negative_itm, idx_contrastive_loss, sample_negatives
 
 log = logging.getLogger("vlp.finetune.retrieval")
 
@@ -106,43 +106,6 @@ def check_json_readable(key: str, path: str | None) -> None:
 
 
 # ============================================================================ training objective
-def idx_targets(row_ids: torch.Tensor, col_ids: torch.Tensor) -> torch.Tensor:
-    """Soft ITC targets: ``pos / pos.sum(1)`` with ``pos[i, j] = (row_ids[i] == col_ids[j])``."""
-    pos = (row_ids.view(-1, 1) == col_ids.view(1, -1)).float()
-    return pos / pos.sum(dim=1, keepdim=True).clamp_min(1.0)
-
-
-def idx_contrastive_loss(
-    image_feat: torch.Tensor,
-    text_feat: torch.Tensor,
-    image_ids: torch.Tensor,
-    scale: torch.Tensor | float,
-    momentum: tuple[torch.Tensor, torch.Tensor] | None = None,
-    alpha: float = 0.0,
-) -> torch.Tensor:
-    """Image-id-aware symmetric contrastive loss on normalized features (this rank's rows, all ranks' columns).
-
-    ``momentum``: the momentum model's (image, text) features of the same samples; the targets become
-    ``alpha * softmax(momentum similarities) + (1 - alpha) * id targets`` (ALBEF's retrieval distillation).
-    """
-    all_image = gather_features(image_feat, True)
-    all_text = gather_features(text_feat, True)
-    all_ids = gather_features(image_ids.view(-1, 1), False).view(-1)
-    targets = idx_targets(image_ids, all_ids).to(image_feat.device)
-    targets_i2t = targets_t2i = targets
-    if momentum is not None and alpha > 0:
-        with torch.no_grad():
-            image_m, text_m = (f.float() for f in momentum)
-            all_image_m, all_text_m = gather_features(image_m, False), gather_features(text_m, False)
-            targets_i2t = alpha * F.softmax(scale * image_m @ all_text_m.T, dim=1) + (1 - alpha) * targets
-            targets_t2i = alpha * F.softmax(scale * text_m @ all_image_m.T, dim=1) + (1 - alpha) * targets
-    logits_i2t = scale * image_feat.float() @ all_text.float().T
-    logits_t2i = scale * text_feat.float() @ all_image.float().T
-    loss_i2t = -(targets_i2t * F.log_softmax(logits_i2t, dim=1)).sum(1).mean()
-    loss_t2i = -(targets_t2i * F.log_softmax(logits_t2i, dim=1)).sum(1).mean()
-    return (loss_i2t + loss_t2i) / 2
-
-
 @torch.no_grad()
 def momentum_features(backbone: nn.Module, images: torch.Tensor, tokens: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """ALBEF/TCL: normalized ITC features of the momentum encoders (image, text)."""
@@ -185,8 +148,6 @@ class RetrievalModel(nn.Module):
         return self._single(images, texts, ids)
 
     def _fusion(self, batch: dict[str, Any], ids: torch.Tensor) -> dict[str, Any]:
-        from pretrain.models.albef import sample_negatives
-
         bb = self.backbone
         tokens = bb.tokenize(batch["text"])
         image_embeds, image_feat = bb.encode_image(batch["image"])
@@ -200,29 +161,14 @@ class RetrievalModel(nn.Module):
             if alpha > 0:
                 momentum = momentum_features(bb, batch["image"], tokens)
         itc = idx_contrastive_loss(image_feat, text_feat, ids, 1.0 / temp, momentum, alpha)
-        bsz = image_feat.shape[0]
-        same = ids.view(-1, 1) == ids.view(1, -1)
-        mask = tokens.attention_mask
-        if bsz > 1:
-            with torch.no_grad():
-                sim = image_feat @ text_feat.T / temp
-                neg_image = sample_negatives(sim.T, same)  # for text b, an image of another id
-                neg_text = sample_negatives(sim, same)  # for image b, a text of another image
-            all_images = torch.cat([image_embeds, image_embeds[neg_image], image_embeds])
-            all_text = torch.cat([text_embeds, text_embeds, text_embeds[neg_text]])
-            all_mask = torch.cat([mask, mask, mask[neg_text]])
-        else:
-            all_images, all_text, all_mask = image_embeds, text_embeds, mask
-        logits = bb.itm_logits(bb.fuse(all_images, (all_text, all_mask)))
-        labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
-        labels[:bsz] = 1
-        itm = F.cross_entropy(logits, labels)
+        same = ids.view(-1, 1) == ids.view(1, -1)  # never a caption of the same image as a negative
+        with torch.no_grad():
+            sim = image_feat @ text_feat.T / temp
+        itm = hard_negative_itm(bb.itm_score, image_embeds, text_embeds, tokens.attention_mask, sim, sim.T, same).loss
         loss = self.itc_weight * itc + self.itm_weight * itm
         return {"loss": loss, "losses": {"itc": itc.detach(), "itm": itm.detach()}}
 
     def _single(self, images: torch.Tensor, texts: list[str], ids: torch.Tensor) -> dict[str, Any]:
-        from pretrain.models.albef import sample_negatives
-
         bb = self.backbone
         tokens = bb.tokenize(texts)
         tokens = {k: v for k, v in tokens.items() if k in ("input_ids", "attention_mask")}

@@ -238,3 +238,67 @@ def _load_weights(path: Path) -> dict[str, torch.Tensor]:
 
 def offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE") == "1"
+
+
+_SPECIAL_NAMES = ("pad", "cls", "sep", "mask", "unk")
+
+
+def mlm_excluded_ids(tokenizer: Any, names: list[str] | tuple[str, ...]) -> list[int]:
+    """Token ids of the named special tokens (``pad``, ``cls``, ``sep``, ``mask``, ``unk``) that MLM never selects."""
+    ids = set()
+    for name in names:
+        if name not in _SPECIAL_NAMES:
+            raise ValueError(f"model.mlm_exclude: unknown token {name!r} (one of {', '.join(_SPECIAL_NAMES)})")
+        value = getattr(tokenizer, f"{name}_token_id", None)
+        if value is not None:
+            ids.add(int(value))
+    return sorted(ids)
+
+
+def _checkpoint_tensors(folder: Path, prefix: str) -> dict[str, torch.Tensor]:
+    """The tensors whose names start with ``prefix`` in a transformers checkpoint folder (safetensors or .bin)."""
+    found: dict[str, torch.Tensor] = {}
+    files = sorted(folder.glob("*.safetensors"))
+    if files:
+        from safetensors import safe_open
+
+        for path in files:
+            with safe_open(str(path), "pt") as handle:
+                for key in handle.keys():  # noqa: SIM118 - safe_open is not a dict
+                    if key.startswith(prefix):
+                        found[key[len(prefix) :]] = handle.get_tensor(key)
+        return found
+    for path in sorted(folder.glob("pytorch_model*.bin")):
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        found.update({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
+    return found
+
+
+def load_mlm_head(head: nn.Module, opts: TextOptions, *, tied: bool) -> bool:
+    """Start a ``BertOnlyMLMHead`` (its ``predictions.bias`` removed) from the text checkpoint's masked-LM head
+    (``cls.predictions.*`` of BertForMaskedLM/BertForPreTraining), as ALBEF does from bert-base-uncased.
+
+    Returns False (head untouched) when the checkpoint has no such head (e.g. the minilm sentence encoder) or
+    is not a local folder. With ``tied`` the decoder weight is the word embedding and is not loaded.
+    """
+    folder = Path(resolve_text_path(opts.name))
+    if not folder.is_dir():
+        return False
+    state = _checkpoint_tensors(folder, "cls.predictions.")
+    if not any(k.startswith("transform.") for k in state):
+        return False
+    mapped = {f"predictions.{k}": v for k, v in state.items() if k.startswith("transform.")}
+    bias = state.get("bias", state.get("decoder.bias"))
+    if bias is not None:
+        mapped["predictions.decoder.bias"] = bias
+    if not tied and "decoder.weight" in state:
+        mapped["predictions.decoder.weight"] = state["decoder.weight"]
+    own = head.state_dict()
+    for key, value in mapped.items():
+        if key not in own or own[key].shape != value.shape:
+            raise ValueError(
+                f"model.text.name: the MLM head of {folder} does not fit ({key}: {tuple(value.shape)} vs "
+                f"{tuple(own[key].shape) if key in own else 'absent'})"
+            )
+    head.load_state_dict(mapped, strict=False)
+    return True

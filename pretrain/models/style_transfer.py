@@ -15,7 +15,8 @@ frozen. Where VGG-16 weights cannot be had (``model.loss_network: auto`` without
 network is the ImageNet EfficientNet-Lite0 of the offline package instead: Gram matrices of its first four stage
 outputs for style, the third (stride 8) for content; the predictor is then EfficientNet-Lite0 + Linear(1280, 100)
 (``model.predictor``). The checkpoint's metadata names both. At the end of training
-(:meth:`StyleTransferModel.on_train_end`, called by the engine) the predictor's embedding mean and covariance over the style images are written with both networks to
+(:meth:`StyleTransferModel.on_train_end`, called by the engine) the predictor's embedding mean and covariance
+over the style images are written with both networks to
 ``run.dir/style_checkpoint.safetensors`` in the format ``data_prep style`` loads (:func:`save_style_checkpoint`).
 """
 

@@ -32,6 +32,7 @@ from launch.config import ConfigError
 
 from .download import Downloader, DownloadError, DownloadOptions
 from .images import DEFAULT_MAX_PIXELS, ImageError, process_image
+from .paths import check_member_key
 from .schema import MANIFEST_NAME, SCHEMA_VERSION, SHARD_NAME, STATS_NAME, sample_key
 from .sources.base import Problem, Record
 
@@ -91,7 +92,12 @@ class ShardWriter:
         self._tar.addfile(info, io.BytesIO(data))
 
     def write(self, key: str, jpg: bytes, caption: str, meta: dict[str, Any]) -> None:
-        """Append one sample: ``{key}.jpg``, ``{key}.json`` (``meta``), ``{key}.txt`` (``caption``)."""
+        """Append one sample: ``{key}.jpg``, ``{key}.json`` (``meta``), ``{key}.txt`` (``caption``).
+
+        ``key`` must pass :func:`data_prep.paths.check_member_key` (PathError otherwise): member names are built
+        from validated keys only, whichever stage writes.
+        """
+        check_member_key(key)
         self._add(f"{key}.jpg", jpg)
         self._add(f"{key}.json", _json_bytes(meta))
         self._add(f"{key}.txt", caption.encode("utf-8"))

@@ -29,13 +29,15 @@ from launch.logging import get_logger, setup_logging
 from .schema import MANIFEST_NAME, SHARD_NAME, sample_key
 from .shards import write_shards
 from .sources.base import Record
-from .sources.synthetic import DOMAINS, iter_records
+from .sources.synthetic import DOMAINS, WebCaptions, iter_records
 
 SPLITS = ("train", "val", "test")
 RETRIEVAL_NAME = "{split}_retrieval.json"
 SCENES_NAME = "{split}_scenes.jsonl"
 # Build-config keys that change what a split folder holds; a rerun into the same folder must keep them.
-_CONTENT_KEYS = ("seed", "domain", "num_images", "num_captions", "image_size", "samples_per_shard", "jpeg_quality")
+_CONTENT_KEYS = (
+    "seed", "domain", "num_images", "num_captions", "image_size", "samples_per_shard", "jpeg_quality", "web",
+)  # fmt: skip
 
 log = get_logger("data_prep.synthetic")
 
@@ -58,6 +60,21 @@ class SplitsConfig:
 
 
 @dataclasses.dataclass
+class WebConfig:
+    """Web-like captions (partial, distractor words, mismatched pairs, length spread), rates in [0, 1]; applied to
+    ``splits`` only, so evaluation keeps the exhaustive, correct captions. All zero: the captions are unchanged."""
+
+    partial: float = 0.0
+    distractor: float = 0.0
+    mismatch: float = 0.0
+    length_spread: float = 0.0
+    splits: tuple[str, ...] = ("train",)
+
+    def captions(self) -> WebCaptions:
+        return WebCaptions(self.partial, self.distractor, self.mismatch, self.length_spread)
+
+
+@dataclasses.dataclass
 class SyntheticConfig:
     out: OutConfig = dataclasses.field(default_factory=OutConfig)
     splits: SplitsConfig = dataclasses.field(default_factory=SplitsConfig)
@@ -67,6 +84,7 @@ class SyntheticConfig:
     domain: str | None = None
     captions_per_image: int = 5
     progress: bool = False
+    web: WebConfig = dataclasses.field(default_factory=WebConfig)
 
     def validate(self) -> None:
         if self.out.image_size < 16:
@@ -84,6 +102,18 @@ class SyntheticConfig:
             raise ConfigError(f"domain: {self.domain!r} is not one of {sorted(DOMAINS)} (or null for a mix)")
         if not 1 <= self.captions_per_image <= 10:
             raise ConfigError(f"captions_per_image: must be in 1..10, got {self.captions_per_image}")
+        try:
+            self.web.captions().validate()
+        except ValueError as exc:
+            raise ConfigError(f"web.{exc}") from exc
+        bad = [s for s in self.web.splits if s not in SPLITS]
+        if bad:
+            raise ConfigError(f"web.splits: {bad} are not among {list(SPLITS)}")
+
+
+def _web_for(cfg: SyntheticConfig, split: str) -> WebCaptions | None:
+    web = cfg.web.captions()
+    return web if web.active and split in cfg.web.splits else None
 
 
 def _write_atomic(path: str, data: bytes) -> None:
@@ -104,6 +134,8 @@ def _split_config(cfg: SyntheticConfig, split: str) -> dict[str, Any]:
         "image_size": cfg.out.image_size,
         "samples_per_shard": cfg.out.samples_per_shard,
         "jpeg_quality": cfg.out.jpeg_quality,
+        # Only a web-like split records its knobs, so folders built before the knobs existed still resume.
+        **({"web": dataclasses.asdict(web)} if (web := _web_for(cfg, split)) else {}),
     }
 
 
@@ -147,6 +179,7 @@ def build_split(cfg: SyntheticConfig, split: str) -> dict[str, Any]:
         image_size=cfg.out.image_size,
         domain=cfg.domain,
         num_captions=cfg.captions_per_image,
+        web=_web_for(cfg, split),
     )
     t0 = time.time()
     summary = write_shards(

@@ -111,6 +111,11 @@ class BestKeeper:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["analyze"]:  # python -m finetune analyze <run> [<other run>]: finetune/analyze.py
+        from finetune.analyze import main as analyze
+
+        return analyze(argv[1:])
     args = parse_args(argv)
     try:
         cfg = load_config_checked(args.config, args.overrides, args.eval_only)

@@ -10,8 +10,10 @@ Annotation formats read by :func:`read_annotations` (detected from the file's sh
 
 An ``image`` value is a path relative to the image root, or ``<shard>.tar/<member>`` (e.g.
 ``val/00000.tar/000000001.jpg``): :class:`ImageStore` indexes each tar once (member name -> byte offset and size)
-and reads a member's bytes by offset; nothing is extracted to disk. A malformed row or a missing/corrupt image is
-reported with its file and row (or path) and skipped; the rest keeps flowing.
+and reads a member's bytes by offset; nothing is extracted to disk. A reference that leaves the image root
+(``../x.jpg``, ``/abs/x.jpg``) fails as ``outside the image root`` (``data_prep.paths``), like any unreadable
+image. A malformed row or a missing/corrupt image is reported with its file and row (or path) and skipped; the
+rest keeps flowing.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from data_prep.paths import PathError, resolve_in_root
 from data_prep.transforms import pre_caption
 from pretrain.data import ignore_job_signals
 
@@ -231,11 +234,18 @@ class ImageStore:
                 self._index[key] = index
         return index
 
+    def _inside(self, ref: str, rel: str) -> Path:
+        """``root/rel``, or ImageError ``outside the image root`` for ``../`` or absolute references."""
+        try:
+            return Path(resolve_in_root(self.root, rel))
+        except PathError as exc:
+            raise ImageError(f"{ref}: {exc.reason} ({exc.detail})") from exc
+
     def read_bytes(self, ref: str) -> bytes:
         """The encoded bytes of ``ref`` (raises :class:`ImageError` naming the path)."""
         if TAR_MARK in ref:
             shard, member = ref.split(TAR_MARK, 1)
-            tar_path = self.root / (shard + ".tar")
+            tar_path = self._inside(ref, shard + ".tar")
             try:
                 index = self._tar_index(tar_path)
             except (OSError, tarfile.TarError) as exc:
@@ -249,7 +259,7 @@ class ImageStore:
             if len(data) != size:
                 raise ImageError(f"{ref}: truncated member in {tar_path}")
             return data
-        path = self.root / ref
+        path = self._inside(ref, ref)
         try:
             return path.read_bytes()
         except OSError as exc:

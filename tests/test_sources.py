@@ -149,7 +149,7 @@ def test_coco_karpathy_layout_split_filter(tmp_path):
 def test_coco_rejects_unknown_layout_and_bad_json(tmp_path):
     ann = tmp_path / "x.json"
     ann.write_text(json.dumps([1, 2]))
-    with pytest.raises(ConfigError, match="neither a COCO captions"):
+    with pytest.raises(ConfigError, match="holds a JSON list; expected a COCO captions file"):
         list(coco.iter_records(_cfg(annotations=str(ann), images=str(tmp_path))))
     ann.write_text('{"images": [')
     with pytest.raises(ConfigError, match="source.annotations.*not valid JSON"):

@@ -1,19 +1,20 @@
 """ALBEF/TCL-style annotation lists: ``[{"image": path, "caption": str | [str, ...]}, ...]``.
 
 Also reads the same items as JSON Lines (one object per line; a file that does not start with ``[``). ``image`` is
-relative to ``source.images`` (absolute paths are kept; ``http(s)://`` values are downloaded). ``orig_id`` is the
+relative to ``source.images`` and must stay inside it (absolute paths and ``../`` escapes are reported as
+``outside the image root``; ``http(s)://`` values are downloaded). ``orig_id`` is the
 item's ``image_id`` when present, else its ``image`` value; ``image_id`` and ``image`` are kept in the json.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator
 from typing import Any
 
 from launch.config import ConfigError
 
+from ..paths import PathError, resolve_in_root
 from .base import Problem, Record, clean_captions, load_json
 
 
@@ -69,4 +70,9 @@ def iter_records(cfg: Any) -> Iterator[Record | Problem]:
         if image.lower().startswith(("http://", "https://")):
             yield Record(orig_id=orig_id, captions=captions, url=image, extra=extra)
         else:
-            yield Record(orig_id=orig_id, captions=captions, path=os.path.join(root, image), extra=extra)
+            try:
+                file = resolve_in_root(root, image)
+            except PathError as exc:
+                yield Problem(path, row, exc.reason)
+                continue
+            yield Record(orig_id=orig_id, captions=captions, path=file, extra=extra)

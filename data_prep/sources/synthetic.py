@@ -453,6 +453,99 @@ def captions(scene: Scene, rng: random.Random, n: int = 5) -> list[str]:
     raise RuntimeError(f"could not write {n} distinct captions for scene {scene_to_dict(scene)}")
 
 
+# --------------------------------------------------------------------------------------------------- web regime
+
+# Words that web alt-texts carry and no image shows (they say nothing about shapes, colours or places).
+DISTRACTOR_WORDS: tuple[str, ...] = (
+    "photo", "stock", "image", "free", "hd", "wallpaper", "vector", "illustration", "beautiful", "vintage",
+    "design", "art", "download", "closeup", "pattern", "my", "new", "best", "abstract", "style",
+)  # fmt: skip
+_BOILERPLATE: tuple[str, ...] = (
+    "stock photo", "free download", "hd wallpaper", "vector illustration", "royalty free image",
+    "for sale online", "high resolution picture", "clip art", "modern design", "seamless pattern",
+)  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
+class WebCaptions:
+    """Knobs that turn the exhaustive captions into web-like alt-text (the CC/SBU regime), all rates in [0, 1].
+
+    ``partial``: per caption, the probability it names only one of the objects (a 2-3 object scene loses the rest).
+    ``distractor``: per caption, the probability of 1-3 inserted words no image shows ("stock", "hd", ...).
+    ``mismatch``: per image, the probability that all its captions describe another, unrelated scene (wrong pairs).
+    ``length_spread``: per caption, the probability its length is changed: cut to its first 2+ words or padded
+    with boilerplate ("free download hd wallpaper"), so lengths spread the way web captions do.
+    """
+
+    partial: float = 0.0
+    distractor: float = 0.0
+    mismatch: float = 0.0
+    length_spread: float = 0.0
+
+    def validate(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{f.name}: must be in [0, 1], got {value}")
+
+    @property
+    def active(self) -> bool:
+        return any(getattr(self, f.name) > 0 for f in dataclasses.fields(self))
+
+
+def web_rng(seed: int, split: str, index: int) -> random.Random:
+    """The generator of image ``index``'s web noise, apart from :func:`image_rng`: the same image and clean
+    captions come out whatever the knobs, so two regimes differ only in their captions."""
+    return random.Random(f"synthetic/{seed}/{split}/{index}/web")
+
+
+def _partial_caption(scene: Scene, rng: random.Random) -> str:
+    """A true caption that names one object of the scene (web captions rarely list everything)."""
+    obj = rng.choice(scene.objects)
+    form = rng.randrange(3)
+    if form == 0:
+        return _describe(obj, rng)
+    if form == 1:
+        return f"{_describe(obj, rng)} {_where(obj.region)}"
+    return f"{rng.choice(['a picture of', 'an image showing', 'a drawing of'])} {_describe(obj, rng)}"
+
+
+def _with_distractors(text: str, rng: random.Random) -> str:
+    words = text.split()
+    for _ in range(rng.randint(1, 3)):
+        words.insert(rng.randint(0, len(words)), rng.choice(DISTRACTOR_WORDS))
+    return " ".join(words)
+
+
+def _spread_length(text: str, rng: random.Random) -> str:
+    words = text.split()
+    if rng.random() < 0.5 and len(words) > 2:
+        return " ".join(words[: rng.randint(2, len(words) - 1)])
+    return " ".join([text, *rng.sample(_BOILERPLATE, rng.randint(1, 3))])
+
+
+def web_captions(scene: Scene, clean: Sequence[str], rng: random.Random, web: WebCaptions) -> list[str]:
+    """``clean`` captions of ``scene`` turned web-like by ``web``'s rates, drawing only from ``rng``.
+
+    A mismatched image gets the captions of a freshly drawn scene (wrong, but fluent), which then go through the
+    same partial/distractor/length noise. Captions stay non-empty; duplicates are allowed (as on the web).
+    """
+    texts = list(clean)
+    if rng.random() < web.mismatch:
+        other = sample_scene(rng, domain=scene.domain)
+        scene, texts = other, captions(other, rng, n=len(texts))
+    out = []
+    for text in texts:
+        if len(scene.objects) > 1 and rng.random() < web.partial:
+            text = _partial_caption(scene, rng)
+        if rng.random() < web.distractor:
+            text = _with_distractors(text, rng)
+        if rng.random() < web.length_spread:
+            text = _spread_length(text, rng)
+        out.append(text)
+    return out
+
+
 # --------------------------------------------------------------------------------------------------- derivations
 
 
@@ -628,13 +721,23 @@ def image_rng(seed: int, split: str, index: int) -> random.Random:
 
 
 def make_example(
-    seed: int, split: str, index: int, image_size: int = 128, domain: str | None = None, num_captions: int = 5
+    seed: int,
+    split: str,
+    index: int,
+    image_size: int = 128,
+    domain: str | None = None,
+    num_captions: int = 5,
+    web: WebCaptions | None = None,
 ) -> tuple[Scene, list[str], Image.Image]:
-    """Scene, captions and rendering of one image; ``domain=None`` draws the domain per image."""
+    """Scene, captions and rendering of one image; ``domain=None`` draws the domain per image; ``web`` makes the
+    captions web-like (:func:`web_captions`) without changing the scene or the image."""
     rng = image_rng(seed, split, index)
     dom = domain if domain is not None else rng.choice(sorted(DOMAINS))
     scene = sample_scene(rng, domain=dom)
-    return scene, captions(scene, rng, n=num_captions), render(scene, image_size)
+    caps = captions(scene, rng, n=num_captions)
+    if web is not None and web.active:
+        caps = web_captions(scene, caps, web_rng(seed, split, index), web)
+    return scene, caps, render(scene, image_size)
 
 
 def iter_records(
@@ -644,12 +747,16 @@ def iter_records(
     image_size: int = 128,
     domain: str | None = None,
     num_captions: int = 5,
+    web: WebCaptions | None = None,
 ) -> Iterator[Record]:
-    """Yield ``num_images`` records (``data`` is a PIL image) of ``split``, deterministic from ``(seed, split)``."""
+    """Yield ``num_images`` records (``data`` is a PIL image) of ``split``, deterministic from ``(seed, split)``;
+    ``web`` turns the captions web-like (the images stay the same)."""
     if domain is not None:
         _check_domain(domain)
+    if web is not None:
+        web.validate()
     for i in range(num_images):
-        scene, caps, image = make_example(seed, split, i, image_size, domain, num_captions)
+        scene, caps, image = make_example(seed, split, i, image_size, domain, num_captions, web)
         yield Record(
             orig_id=f"synthetic-{split}-{i:07d}",
             captions=caps,

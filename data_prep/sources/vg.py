@@ -18,14 +18,18 @@ from typing import Any
 
 from launch.config import ConfigError
 
+from ..paths import PathError, resolve_in_root
 from .base import Problem, Record, load_json
 
 SUBDIRS = ("VG_100K", "VG_100K_2", "")
 
 
 def find_image(root: str, image_id: Any) -> str:
-    """The first existing candidate path, or the first candidate (it then fails as ``missing file``)."""
-    candidates = [os.path.join(root, sub, f"{image_id}.jpg") for sub in SUBDIRS]
+    """The first existing candidate path, or the first candidate (it then fails as ``missing file``).
+
+    Raises :class:`data_prep.paths.PathError` when the id would name a file outside ``root`` (``../x``).
+    """
+    candidates = [resolve_in_root(root, f"{sub}/{image_id}.jpg" if sub else f"{image_id}.jpg") for sub in SUBDIRS]
     for c in candidates:
         if os.path.isfile(c):
             return c
@@ -93,4 +97,9 @@ def iter_records(cfg: Any) -> Iterator[Record | Problem]:
         for k in ("coco_id", "flickr_id", "url"):
             if info.get(k) is not None:
                 extra[k] = info[k]
-        yield Record(orig_id=str(image_id), captions=captions, path=find_image(root, image_id), extra=extra)
+        try:
+            file = find_image(root, image_id)
+        except PathError as exc:
+            yield Problem(path, f"image {image_id}", exc.reason)
+            continue
+        yield Record(orig_id=str(image_id), captions=captions, path=file, extra=extra)

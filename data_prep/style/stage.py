@@ -45,6 +45,7 @@ from launch.config import ConfigError, exists_field, expand_shards, load_config,
 from launch.dist import detect_env
 from launch.logging import setup_logging
 
+from ..paths import PathError, check_member_key
 from ..schema import IMAGE_EXTS, captions_of
 from ..shards import ShardWriter, read_stats, write_manifest
 from .network import StylePredictor, StyleTransformer, load_style_checkpoint, predictor_for
@@ -415,6 +416,14 @@ class StyleStage:
             index = state.index
             state.index += 1
             state.counts["input"] += 1
+            try:
+                check_member_key(s.key)
+            except PathError as exc:
+                # the output would be written under this name: never copy an unsafe one (../x, /abs/x)
+                log.warning("shard %05d: %s: skipped", state.writer.shard_id, exc)
+                state.reasons[exc.reason] += 1
+                state.failures.append({"key": s.key, "reason": exc.reason, "detail": exc.detail, "action": "skipped"})
+                continue
             if s.error is not None:
                 action = "passthrough" if self.cfg.style.on_error == "passthrough" else "skipped"
                 image_ext = next((e for e in IMAGE_EXTS if e in s.raw), None)

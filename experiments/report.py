@@ -1,0 +1,207 @@
+"""``python -m experiments report <yaml>``: tables, paired differences, plots and a JSON of every number.
+
+Written to ``<results>/<name>/``: ``README.md`` (per metric: mean ± 95 % t-interval over seeds with n and the
+per-seed values, then the paired differences against the control arm, seed by seed), ``<metric>.png`` (metric vs
+the x factor or vs arm, error bars), ``<metric>_diff.png`` (the paired differences, with the zero line) and
+``results.json``. Only finished runs count; n says how many there were, and missing runs are listed.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from experiments.plot import Point, errorbar_plot
+from experiments.runner import read_metrics, run_dir
+from experiments.spec import ExperimentSpec, arms, control_factor, control_of
+from experiments.stats import Summary, paired, summarize
+
+
+def collect(spec: ExperimentSpec) -> tuple[dict[str, dict[str, dict[int, float]]], list[str]]:
+    """``values[metric][arm name][seed]`` of every finished run, and a line per missing run."""
+    values: dict[str, dict[str, dict[int, float]]] = {m: {} for m in spec.metrics}
+    missing = []
+    for arm in arms(spec):
+        for seed in spec.seeds:
+            try:
+                got = read_metrics(spec, arm, seed)
+            except (OSError, KeyError, ValueError) as exc:
+                missing.append(f"{arm.label}, seed {seed}: {exc}")
+                continue
+            for m, v in got.items():
+                values[m].setdefault(arm.name, {})[seed] = v
+    return values, missing
+
+
+def _pm(s: Summary, digits: int = 2) -> str:
+    if s.n == 0:
+        return "—"
+    if not math.isfinite(s.half):
+        return f"{s.mean:.{digits}f} (n=1, no interval)"
+    return f"{s.mean:.{digits}f} ± {s.half:.{digits}f}"
+
+
+def _ci(s: Summary, digits: int = 2) -> str:
+    return f"[{s.low:.{digits}f}, {s.high:.{digits}f}]" if s.n >= 2 else "—"
+
+
+def _seeds(values: dict[int, float], signed: bool = False) -> str:
+    fmt = "{:+.2f}" if signed else "{:.2f}"
+    return ", ".join(fmt.format(values[s]) for s in sorted(values)) or "—"
+
+
+def build(spec: ExperimentSpec) -> dict[str, Any]:
+    """Every number of the report: per metric and arm the values by seed and their summary, and the paired
+    differences against the control arm."""
+    values, missing = collect(spec)
+    out: dict[str, Any] = {"name": spec.name, "claim": spec.claim, "seeds": spec.seeds, "missing": missing}
+    out["arms"] = [{"name": a.name, "label": a.label, "levels": {f: lv.name for f, lv in a.levels}} for a in arms(spec)]
+    out["metrics"] = {}
+    for metric in spec.metrics:
+        per_arm = {}
+        for arm in arms(spec):
+            v = values[metric].get(arm.name, {})
+            entry: dict[str, Any] = {
+                "values": {str(s): v[s] for s in sorted(v)},
+                **summarize(list(v.values())).as_dict(),
+            }
+            ctrl = control_of(spec, arm)
+            if ctrl is not None:
+                diffs, s = paired(v, values[metric].get(ctrl.name, {}))
+                entry["vs_control"] = {"control": ctrl.name, "diffs": {str(k): d for k, d in diffs.items()},
+                                       "better": sum(d > 0 for d in diffs.values()), **s.as_dict()}  # fmt: skip
+            per_arm[arm.name] = entry
+        out["metrics"][metric] = per_arm
+    return out
+
+
+def _x_factor(spec: ExperimentSpec) -> str | None:
+    ctrl = control_factor(spec)
+    for f in spec.factors:
+        if (ctrl is None or f.name != ctrl.name) and all(lv.x is not None for lv in f.levels):
+            return f.name
+    return None
+
+
+def _plot_series(spec: ExperimentSpec, per_arm: dict[str, Any], diff: bool) -> tuple[dict[str, list[Point]], Any]:
+    """Series and x tick labels: the x factor on the axis (numeric), else the arms grouped categorically."""
+    xf = _x_factor(spec)
+    ctrl = control_factor(spec)
+    series: dict[str, list[Point]] = {}
+    ticks: dict[float, str] | None = None
+    others = [f for f in spec.factors if f.name != xf and (ctrl is None or f.name != ctrl.name or xf is None)]
+    if xf is None:
+        # categories: the combinations of the non-control factors; series: the control factor's levels
+        groups = [f for f in spec.factors if ctrl is None or f.name != ctrl.name]
+        combos = list(itertools.product(*[[lv.name for lv in f.levels] for f in groups])) or [()]
+        ticks = {float(i): ",".join(c) or "all" for i, c in enumerate(combos)}
+        for arm in arms(spec):
+            key = tuple(arm.level(f.name).name for f in groups)
+            label = arm.level(ctrl.name).name if ctrl else "mean"
+            point = _point(per_arm[arm.name], diff)
+            if point is not None:
+                series.setdefault(label, []).append((float(combos.index(key)), *point))
+        return series, ticks
+    for arm in arms(spec):
+        label = ",".join(arm.level(f.name).name for f in others if f.name != xf) or "mean"
+        if ctrl is not None and xf != ctrl.name:
+            label = ",".join(filter(None, [label if label != "mean" else "", arm.level(ctrl.name).name]))
+        point = _point(per_arm[arm.name], diff)
+        if point is not None:
+            series.setdefault(label, []).append((float(arm.level(xf).x or 0.0), *point))
+    return series, ticks
+
+
+def _point(entry: dict[str, Any], diff: bool) -> tuple[float, float] | None:
+    src = entry.get("vs_control") if diff else entry
+    if not src or not src["n"]:
+        return None
+    return src["mean"], src["ci95_half"]
+
+
+def markdown(spec: ExperimentSpec, data: dict[str, Any], command: str = "") -> str:
+    """The report as markdown (what ``README.md`` holds; :mod:`experiments.practice` reuses the tables)."""
+    lines = [f"# Experiment `{spec.name}`", ""]
+    if spec.claim:
+        lines += [f"**Claim tested.** {spec.claim}", ""]
+    if spec.description:
+        lines += [spec.description.strip(), ""]
+    lines += [f"Seeds: {', '.join(map(str, spec.seeds))}. Interval: mean ± half-width of the two-sided 95 % Student-t "
+              "interval over seeds (n runs). Paired differences: arm − control with the same seed.", ""]  # fmt: skip
+    if command:
+        lines += ["```bash", command, "```", ""]
+    for metric in spec.metrics:
+        lines += [metric_table(spec, data, metric), ""]
+        images = f"![{metric}]({_png(metric)})"
+        if control_factor(spec) is not None:
+            lines += [diff_table(spec, data, metric), ""]
+            images += f" ![{metric} paired difference]({_png(metric, True)})"
+        lines += [images, ""]
+    if data["missing"]:
+        lines += ["Runs not finished (left out of n):", ""] + [f"- {m}" for m in data["missing"]] + [""]
+    if spec.gpu_recipe:
+        lines += ["## At full size (GPU)", "", spec.gpu_recipe.strip(), ""]
+    return "\n".join(lines)
+
+
+def metric_table(spec: ExperimentSpec, data: dict[str, Any], metric: str) -> str:
+    rows = [f"**{metric}**", "", "| arm | n | mean ± 95 % CI | interval | per seed |", "|---|---|---|---|---|"]
+    for arm in arms(spec):
+        e = data["metrics"][metric][arm.name]
+        s = Summary(e["n"], e["mean"], e["sd"], e["ci95_half"])
+        rows.append(
+            f"| {arm.label} | {e['n']} | {_pm(s)} | {_ci(s)} | {_seeds({int(k): v for k, v in e['values'].items()})} |"
+        )
+    return "\n".join(rows)
+
+
+def diff_table(spec: ExperimentSpec, data: dict[str, Any], metric: str) -> str:
+    ctrl = control_factor(spec)
+    assert ctrl is not None
+    rows = [
+        f"**{metric}: paired difference vs {ctrl.name}={ctrl.control}**",
+        "",
+        "| arm | n | mean diff ± 95 % CI | interval | seeds better | per seed |",
+        "|---|---|---|---|---|---|",
+    ]
+    for arm in arms(spec):
+        e = data["metrics"][metric][arm.name].get("vs_control")
+        if e is None:
+            continue
+        s = Summary(e["n"], e["mean"], e["sd"], e["ci95_half"])
+        diffs = {int(k): v for k, v in e["diffs"].items()}
+        sign = f"{s.mean:+.2f} ± {s.half:.2f}" if s.n >= 2 else (f"{s.mean:+.2f} (n=1)" if s.n else "—")
+        rows.append(f"| {arm.label} | {e['n']} | {sign} | {_ci(s)} | {e['better']}/{e['n']} | {_seeds(diffs, True)} |")
+    return "\n".join(rows)
+
+
+def _png(metric: str, diff: bool = False) -> str:
+    return metric.replace("/", "_") + ("_diff" if diff else "") + ".png"
+
+
+def write(spec: ExperimentSpec, command: str = "") -> Path:
+    """Write the report folder ``<results>/<name>/``; returns it."""
+    data = build(spec)
+    out = Path(spec.results) / spec.name
+    out.mkdir(parents=True, exist_ok=True)
+    xf = _x_factor(spec)
+    xlabel = xf or ", ".join(
+        f.name for f in spec.factors if control_factor(spec) is None or f is not control_factor(spec)
+    )
+    for metric in spec.metrics:
+        series, ticks = _plot_series(spec, data["metrics"][metric], diff=False)
+        errorbar_plot(series, out / _png(metric), f"{spec.name}: {metric}", metric, xlabel, ticks)
+        if control_factor(spec) is not None:
+            series, ticks = _plot_series(spec, data["metrics"][metric], diff=True)
+            ctrl = control_factor(spec)
+            errorbar_plot(series, out / _png(metric, True), f"{spec.name}: {metric}, paired diff vs {ctrl.control}",
+                          f"{metric} - control", xlabel, ticks, zero_line=True)  # fmt: skip
+    data["generated"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    data["runs"] = {a.name: {str(s): str(run_dir(spec, a, s)) for s in spec.seeds} for a in arms(spec)}
+    (out / "results.json").write_text(json.dumps(data, indent=1, allow_nan=True) + "\n")
+    (out / "README.md").write_text(markdown(spec, data, command))
+    return out

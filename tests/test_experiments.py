@@ -1,0 +1,152 @@
+"""The experiment runner and report: a two-arm two-seed experiment end to end through the real entry points,
+skipped on rerun, refused when its recipe changed; intervals and paired differences against a hand computation."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import REPO, subprocess_env
+
+from experiments.spec import arms, control_of, load_spec
+from experiments.stats import paired, summarize, t_quantile_975
+from launch.config import ConfigError
+
+SMOKE = "experiments/recipes/smoke.yaml"
+
+
+def _experiments(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "experiments", *args],
+        cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip
+
+
+def test_t_interval_matches_hand_computation():
+    s = summarize([250.0, 262.0, 271.0])
+    mean = 261.0
+    sd = math.sqrt(((250 - mean) ** 2 + (262 - mean) ** 2 + (271 - mean) ** 2) / 2)
+    assert s.n == 3 and s.mean == pytest.approx(mean) and s.sd == pytest.approx(sd)
+    assert s.half == pytest.approx(4.302653 * sd / math.sqrt(3), rel=1e-4)  # t_{0.975, 2}
+    assert t_quantile_975(1) == pytest.approx(12.7062) and t_quantile_975(30) == pytest.approx(2.0423)
+    assert t_quantile_975(60) == pytest.approx(2.0003, abs=2e-4)
+    assert t_quantile_975(1000) == pytest.approx(1.9623, abs=2e-4)
+    assert summarize([5.0]).n == 1 and math.isnan(summarize([5.0]).half)
+    diffs, d = paired({0: 10.0, 1: 12.0, 2: 9.0}, {0: 11.0, 1: 8.0, 3: 1.0})  # seed 2 and 3 unpaired: left out
+    assert diffs == {0: -1.0, 1: 4.0} and d.n == 2 and d.mean == pytest.approx(1.5)
+    assert d.half == pytest.approx(12.7062 * math.sqrt(12.5) / math.sqrt(2), rel=1e-4)
+
+
+def test_spec_arms_pairing_and_errors(tmp_path):
+    spec = load_spec(REPO / SMOKE)
+    names = [a.name for a in arms(spec)]
+    assert names == ["mixgen-off", "mixgen-on"]
+    on = arms(spec)[1]
+    assert control_of(spec, on).name == "mixgen-off" and control_of(spec, arms(spec)[0]) is None
+    with pytest.raises(ConfigError, match="factors\\[0\\].control"):
+        load_spec(REPO / SMOKE, ["factors=[{name: m, control: x, levels: [{name: a}]}]"])
+    with pytest.raises(ConfigError, match="metrics\\[0\\]"):
+        load_spec(REPO / SMOKE, ["metrics=[finetuned.rsum]"])
+    with pytest.raises(ConfigError, match="unknown config key 'seed'"):
+        load_spec(REPO / SMOKE, ["seed=1"])
+
+
+def test_missing_requirement_stops_before_any_work(tmp_path):
+    out = tmp_path / "runs"
+    res = _experiments(
+        "run", SMOKE, f"out={out}", f"results={tmp_path / 'res'}",
+        f"requires=[{{path: {tmp_path}/style_checkpoint.safetensors, what: a trained style network, "
+        "make: 'torchrun -m pretrain --config configs/pretrain/style_tiny.yaml'}]",
+        timeout=60,
+    )  # fmt: skip
+    assert res.returncode == 2, res.stderr
+    assert "needs a trained style network" in res.stderr and "nothing was started" in res.stderr
+    assert "configs/pretrain/style_tiny.yaml" in res.stderr
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_two_arm_two_seed_experiment_end_to_end(tmp_path):
+    out, results = tmp_path / "runs", tmp_path / "results"
+    common = [f"out={out}", f"results={results}"]
+    res = _experiments("run", SMOKE, *common)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    spec = load_spec(REPO / SMOKE, common)
+    # every (arm, seed) has its own folders, from the real entry points
+    per_run = {}
+    for arm in arms(spec):
+        for seed in (0, 1):
+            root = out / "smoke" / arm.name / f"seed{seed}"
+            summary = json.loads((root / "pretrain" / "summary.json").read_text())
+            assert summary["steps"] == 3
+            cfg = (root / "pretrain" / "config.yaml").read_text()
+            assert f"enabled: {'true' if arm.name.endswith('on') else 'false'}" in cfg
+            test = json.loads((root / "zeroshot" / "results.json").read_text())["splits"]["test"]
+            per_run[(arm.name, seed)] = test["rsum"]
+            assert json.loads((root / "metrics.json").read_text())["metrics"]["zeroshot.rsum"] == test["rsum"]
+    # the two seeds trained differently (run.seed reaches the engine)
+    assert (
+        per_run[("mixgen-off", 0)] != per_run[("mixgen-off", 1)]
+        or per_run[("mixgen-on", 0)] != per_run[("mixgen-on", 1)]
+    )
+    # the report: numbers recomputed here from the runs' own results.json
+    report = json.loads((results / "smoke" / "results.json").read_text())
+    on = report["metrics"]["zeroshot.rsum"]["mixgen-on"]
+    vals = [per_run[("mixgen-on", s)] for s in (0, 1)]
+    assert on["n"] == 2 and on["mean"] == pytest.approx(sum(vals) / 2)
+    assert on["ci95_half"] == pytest.approx(12.7062 * abs(vals[0] - vals[1]) / math.sqrt(2) / math.sqrt(2), rel=1e-4)
+    diffs = [per_run[("mixgen-on", s)] - per_run[("mixgen-off", s)] for s in (0, 1)]
+    assert on["vs_control"]["mean"] == pytest.approx(sum(diffs) / 2)
+    assert on["vs_control"]["diffs"] == {"0": pytest.approx(diffs[0]), "1": pytest.approx(diffs[1])}
+    md = (results / "smoke" / "README.md").read_text()
+    assert "paired difference vs mixgen=off" in md and "| mixgen=on | 2 |" in md
+    for png in ("zeroshot.rsum.png", "zeroshot.rsum_diff.png", "zeroshot.txt_r1.png"):
+        assert (results / "smoke" / png).stat().st_size > 1000
+
+    # a rerun skips every finished stage (no training, no evaluation)
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("stage.json")}
+    assert len(stamps) == 1 + 4 * 2  # one data set, 4 runs x (pretrain, zeroshot)
+    res = _experiments("run", SMOKE, *common, "--no-report", timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert "$ " not in res.stdout and {p: p.stat().st_mtime_ns for p in out.rglob("stage.json")} == stamps
+
+    # a changed recipe is refused, naming the folder, instead of mixing two settings under one name
+    res = _experiments("run", SMOKE, *common, "pretrain.overrides=[train.max_steps=5]", timeout=60)
+    assert res.returncode == 2 and "finished with another command" in res.stderr
+    assert str(out / "smoke" / "mixgen-off" / "seed0" / "pretrain") in res.stderr
+
+
+def test_report_lists_missing_runs(tmp_path):
+    spec = load_spec(REPO / SMOKE, [f"out={tmp_path / 'runs'}", f"results={tmp_path / 'res'}"])
+    from experiments import report
+
+    root = Path(spec.out) / "smoke" / "mixgen-off" / "seed0" / "zeroshot"
+    root.mkdir(parents=True)
+    (root / "results.json").write_text(json.dumps({"splits": {"test": {"rsum": 100.0, "txt_r1": 5.0}}}))
+    out = report.write(spec)
+    data = json.loads((out / "results.json").read_text())
+    assert data["metrics"]["zeroshot.rsum"]["mixgen-off"]["n"] == 1
+    assert data["metrics"]["zeroshot.rsum"]["mixgen-on"]["n"] == 0
+    assert len(data["missing"]) == 3 and "(n=1, no interval)" in (out / "README.md").read_text()
+
+
+def test_untrained_style_network_is_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    from experiments.runner import check_requirements
+    from experiments.spec import Requirement
+
+    ckpt = tmp_path / "style_checkpoint.safetensors"
+    save_file({"transformer.w": torch.zeros(2)}, str(ckpt), metadata={"vgg_weights": "random"})
+    spec = load_spec(REPO / "experiments/recipes/style_policies_stl10.yaml")
+    assert spec.requires[0].refuse_metadata == {"vgg_weights": "random"}  # the recipe guards against it
+    spec.requires = [Requirement(str(ckpt), "a trained style network", "", {"vgg_weights": "random"})]
+    with pytest.raises(ConfigError, match="is not one \\(vgg_weights=random\\)"):
+        check_requirements(spec)
+    save_file({"transformer.w": torch.zeros(2)}, str(ckpt), metadata={"vgg_weights": "torchvision"})
+    check_requirements(spec)  # trained against the real loss network: accepted

@@ -9,8 +9,8 @@ Prints four tables:
   ``T(c, P(s))`` for synthetic test images ``c`` and *held-out* procedural styles ``s`` (another seed of the set);
 * shape kept: SSIM of the luminance and agreement of Sobel edge maps (correlation) between input and output,
   at α = 0, 0.5, 1 with z drawn from the checkpoint's N(μ, Σ) as the stage does;
-* semantics kept: a linear probe on frozen ImageNet EfficientNet-Lite0 features, trained to name the largest
-  object's shape on the synthetic train split, scored on the original and the stylized test images;
+* semantics kept: a linear probe on frozen ImageNet EfficientNet-Lite0 features, trained to name the main
+  object's shape (the set's ``label``) on the synthetic train split, scored on the original and the stylized test images;
 * the anchor of each ratio is the untrained network (random transformer, ImageNet trunk + random head predictor).
 
 and writes the grid PNG: one row per test image; the original, α = 0, then three random styles at α = 0.5 and 1.
@@ -48,13 +48,11 @@ from pretrain.models.style_transfer import (  # noqa: E402
 
 
 def read_split(data: Path, split: str, limit: int, size: int) -> tuple[torch.Tensor, list[str]]:
-    """Images ([N,3,size,size] in [0,1]) and the largest object's shape, in scene-file order."""
+    """Images ([N,3,size,size] in [0,1]) and their class labels (the main object's shape)."""
     labels = {}
     for line in (data / f"{split}_scenes.jsonl").read_text().splitlines():
         rec = json.loads(line)
-        objs = rec["scene"]["objects"]
-        big = max(objs, key=lambda o: (o["box"][2] - o["box"][0]) * (o["box"][3] - o["box"][1]))
-        labels[rec["key"]] = big["shape"]
+        labels[rec["key"]] = rec["label"]  # the set's classification label (the main object's shape)
     images, names = [], []
     for tar in sorted((data / split).glob("*.tar")):
         with tarfile.open(tar) as tf:
@@ -149,7 +147,7 @@ def main() -> int:
     trained_p = predictor_for(ck["meta"])
     trained_p.load_state_dict(ck["predictor"])
     torch.manual_seed(args.seed)
-    untrained_t = StyleTransformer()  # same initialisation the training run starts from (ImageNet trunk, random rest)
+    untrained_t = StyleTransformer()  # a random transformer and an ImageNet-trunk predictor with a random head
     untrained_p = StylePredictor(backbone="efficientnet_lite0", init="efficientnet_lite0_imagenet")
     nets = {"untrained": (untrained_t.eval(), untrained_p.eval()), "trained": (trained_t.eval(), trained_p.eval())}
 

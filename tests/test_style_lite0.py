@@ -194,7 +194,7 @@ def test_stage_loads_the_shipped_checkpoint_and_its_recipe_uses_it():
 
     ck = load_style_checkpoint(SHIPPED)
     assert ck["meta"]["loss_network"] == "efficientnet_lite0" and ck["meta"]["predictor"] == "efficientnet_lite0"
-    assert int(ck["meta"]["stats_images"]) >= 1000  # N(mu, Sigma) fitted on the procedural style set
+    assert int(ck["meta"]["stats_images"]) >= 200  # N(mu, Sigma) fitted on the procedural style set
     assert torch.linalg.eigvalsh(ck["cov"]).min() > -1e-9
     _check_stage_loads(SHIPPED)
     stage = yaml.safe_load((REPO / "configs" / "style" / "stage.yaml").read_text())

@@ -1,6 +1,6 @@
 """What the trained style network does, against the same network untrained (docs/style.md, "The shipped network").
 
-    python bench/style_quality.py --checkpoint assets/style/style_lite0.safetensors --data runs/demo/data \
+    python bench/style_quality.py --checkpoint runs/style_lite0/style_checkpoint.safetensors --data runs/demo/data \
         --grid docs/style_grid.png
 
 Prints four tables:
@@ -10,7 +10,8 @@ Prints four tables:
 * shape kept: SSIM of the luminance and agreement of Sobel edge maps (correlation) between input and output,
   at α = 0, 0.5, 1 with z drawn from the checkpoint's N(μ, Σ) as the stage does;
 * semantics kept: a linear probe on frozen ImageNet EfficientNet-Lite0 features, trained to name the main
-  object's shape (the set's ``label``) on the synthetic train split, scored on the original and the stylized test images;
+  object's shape (the set's ``label``) on the synthetic train split, scored on the original and the stylized
+  test images;
 * the anchor of each ratio is the untrained network (random transformer, ImageNet trunk + random head predictor).
 
 and writes the grid PNG: one row per test image; the original, α = 0, then three random styles at α = 0.5 and 1.
@@ -130,7 +131,7 @@ def randomizer_from(ck: dict, transformer: StyleTransformer, predictor: StylePre
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--checkpoint", default="assets/style/style_lite0.safetensors")
+    ap.add_argument("--checkpoint", default="runs/style_lite0/style_checkpoint.safetensors")
     ap.add_argument("--data", default="runs/demo/data")
     ap.add_argument("--size", type=int, default=96)
     ap.add_argument("--test", type=int, default=200)

@@ -1,7 +1,7 @@
 """Copy a trained style checkpoint into the repository in fp16, if fp16 changes nothing visible.
 
     python scripts/ship_style_checkpoint.py runs/style_lite0/style_checkpoint.safetensors \
-        assets/style/style_lite0.safetensors --images runs/demo/data/test
+        assets/style_lite0.safetensors --images runs/demo/data/test
 
 Network weights are stored in fp16 (the embedding statistics stay fp64); the stage loads them into fp32 modules.
 The script stylizes test images with both files (same draws, α = 0.5 and 1) and keeps fp16 only when the largest

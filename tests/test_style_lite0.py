@@ -1,26 +1,21 @@
 """The style network trained here: the procedural style set's determinism, the EfficientNet-Lite0 loss network and
-predictor, a short training run that lowers both losses and resumes exactly, and the stage loading the trained
-checkpoint that ships in assets/style/."""
+predictor, and a short training run that lowers both losses. (The stage loading a trained checkpoint with this
+predictor, and the engine's exact resume of a style_transfer run, which now uses the EfficientNet-Lite0 predictor by
+default, are test_style_transfer.py's engine tests.)"""
 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
-from helpers import REPO, build_synthetic, read_metrics, subprocess_env
 
 from data_prep import efficientnet as effnet
 from data_prep.style import procedural
-from data_prep.style.network import load_style_checkpoint, predictor_for
-
-SHIPPED = REPO / "assets" / "style" / "style_lite0.safetensors"
-
+from data_prep.style.network import predictor_for
 
 # ------------------------------------------------------------------------------------------------ style set
 
@@ -132,71 +127,3 @@ def test_training_lowers_content_and_style_losses(tmp_path):
     last = {k: sum(h[k] for h in history[-3:]) / 3 for k in first}
     assert last["content"] < 0.9 * first["content"], (first, last)
     assert last["style"] < 0.5 * first["style"], (first, last)
-
-
-def _train(shards: Path, styles: Path, run_dir: Path, steps: int, env: dict[str, str] | None = None):
-    args = [
-        sys.executable, "-m", "pretrain", "--config", "configs/pretrain/style_lite0.yaml", f"run.dir={run_dir}",
-        f"data.shards={shards}/{{00000..00001}}.tar", f"model.style_dir={styles}", f"train.max_steps={steps}",
-        "train.checkpoint_every=2", "train.keep_checkpoints=2", "data.image_size=32", "model.style_size=32",
-        "data.batch_size=2", "train.log_every=1", "model.image_log_every=0", "model.stats_batch=4",
-    ]  # fmt: skip
-    return subprocess.run(
-        args, cwd=REPO, env=subprocess_env(**(env or {})), capture_output=True, text=True, timeout=600
-    )
-
-
-@pytest.mark.slow
-def test_engine_run_resumes_exactly_and_the_stage_loads_it(tmp_path):
-    from pretrain.engine import KILL_AFTER_STEP_ENV
-
-    shards = build_synthetic(tmp_path / "syn", image_size=32, samples_per_shard=8, train=16) / "train"
-    styles = tmp_path / "styles"
-    procedural.build(procedural.StyleSetConfig(out_dir=str(styles), count=6, size=48, seed=0))
-    full = _train(shards, styles, tmp_path / "full", 4)
-    assert full.returncode == 0, full.stderr[-3000:]
-    killed = _train(shards, styles, tmp_path / "killed", 4, env={KILL_AFTER_STEP_ENV: "2"})
-    assert killed.returncode != 0
-    resumed = _train(shards, styles, tmp_path / "killed", 4)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    a_rows, b_rows = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "killed")
-    for key in ("content", "style", "loss"):
-        assert [r[key] for r in b_rows] == pytest.approx([r[key] for r in a_rows], rel=1e-6, abs=0), key
-    a = load_style_checkpoint(tmp_path / "full" / "style_checkpoint.safetensors")
-    b = load_style_checkpoint(tmp_path / "killed" / "style_checkpoint.safetensors")
-    for group in ("transformer", "predictor"):
-        for k, v in a[group].items():
-            assert torch.equal(v, b[group][k]), (group, k)
-    assert torch.allclose(a["cov"], b["cov"]) and a["meta"]["loss_network"] == "efficientnet_lite0"
-    assert a["meta"]["predictor"] == "efficientnet_lite0" and a["meta"]["stats_images"] == "6"
-    _check_stage_loads(tmp_path / "full" / "style_checkpoint.safetensors")
-
-
-def _check_stage_loads(path: Path) -> None:
-    from data_prep.style.stage import ModelSection, build_randomizer
-
-    cfg = SimpleNamespace(
-        model=ModelSection(checkpoint=str(path), use_predictor=True),
-        style=SimpleNamespace(seed=0, alpha=1.0),
-        runtime=SimpleNamespace(precision="auto", chunk=0),
-    )
-    randomizer, info = build_randomizer(cfg, torch.device("cpu"))
-    assert info["kind"] == "checkpoint" and info["predictor"] == "efficientnet_lite0"
-    assert info["loss_network"] == "efficientnet_lite0"
-    x = torch.rand(2, 3, 64, 64)
-    g = torch.Generator().manual_seed(0)
-    y = randomizer(x, generator=g)
-    assert y.shape == x.shape and torch.isfinite(y).all()
-
-
-def test_stage_loads_the_shipped_checkpoint_and_its_recipe_uses_it():
-    import yaml
-
-    ck = load_style_checkpoint(SHIPPED)
-    assert ck["meta"]["loss_network"] == "efficientnet_lite0" and ck["meta"]["predictor"] == "efficientnet_lite0"
-    assert int(ck["meta"]["stats_images"]) >= 200  # N(mu, Sigma) fitted on the procedural style set
-    assert torch.linalg.eigvalsh(ck["cov"]).min() > -1e-9
-    _check_stage_loads(SHIPPED)
-    stage = yaml.safe_load((REPO / "configs" / "style" / "stage.yaml").read_text())
-    assert stage["model"]["checkpoint"] == "assets/style/style_lite0.safetensors"
-    assert stage["model"]["random_init"] is False

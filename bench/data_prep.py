@@ -2,7 +2,8 @@
 
 Anchor: a tight single-process loop doing only read + PIL decode (with the same JPEG draft) + resize + JPEG encode
 on the same files. The writer (``data_prep.shards.write_shards``) adds reading records, tar/json writing, stats and,
-with workers >= 1, process start-up and pickling; the target is >= 90 % of the anchor per process.
+with workers >= 1, process start-up and pickling; the target is >= 90 % of the anchor per process. Rows are
+interleaved and each keeps its best run.
 
     .venv/bin/python bench/data_prep.py [--num 500] [--size 640x480] [--image-size 256] [--workers 0,1,2]
 """

@@ -1,4 +1,4 @@
-"""``python -m data_prep build|inspect|synthetic|style|style-set|train-style ...``.
+"""``python -m data_prep build|inspect|synthetic|convert-refs|style|style-set|train-style ...``.
 
 Each subcommand's module is imported only when chosen. ``train-style`` trains the style network with the shared
 pretraining engine; data_prep (layer 1) must not import pretrain (layer 2), so it starts ``python -m pretrain`` as a
@@ -8,7 +8,6 @@ child process by module name and passes the arguments through.
 from __future__ import annotations
 
 import importlib
-import os
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -17,11 +16,12 @@ COMMANDS = {
     "build": ("data_prep.build", "build webdataset shards from a dataset recipe (configs/data_prep/*.yaml)"),
     "inspect": ("data_prep.inspect", "counts, caption lengths, failures and a contact sheet of built shards"),
     "synthetic": ("data_prep.synthetic", "build the built-in synthetic image-text set"),
+    "convert-refs": ("data_prep.refs", "RefCOCO refs pickle -> JSON (opcode scan, no globals, schema check)"),
     "style": ("data_prep.style.stage", "apply style randomization to shards (sharded over ranks)"),
     "style-set": ("data_prep.style.procedural", "draw the deterministic procedural style image set"),
     "train-style": (None, "train the style network: runs `python -m pretrain` (default configs/pretrain/style.yaml)"),
 }
-STYLE_RECIPE = os.path.join("configs", "pretrain", "style.yaml")
+STYLE_RECIPE = "configs/pretrain/style.yaml"  # pretrain's --config resolves it from any working directory
 
 
 def _usage() -> str:

@@ -15,6 +15,7 @@ from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Literal
 
 from launch.config import ConfigError, exists_field, load_config, shards_field, to_dict
+from launch.logging import announce_run_folder
 
 from .download import DownloadOptions
 from .images import DEFAULT_MAX_PIXELS, RESIZE_MODES
@@ -35,6 +36,7 @@ REQUIRED: dict[str, tuple[str, ...]] = {
     "synthetic": (),
 }
 URL_FORMATS = ("sbu", "cc3m", "jsonlist")  # formats whose records may carry URLs; source.images is their cache
+PATH_KEYS = ("annotations", "images", "regions", "image_data", "tsv", "shards")  # recorded in each done-marker
 
 
 @dataclasses.dataclass
@@ -174,7 +176,15 @@ def run_build(cfg: BuildConfig) -> BuildSummary:
         max_pixels=out.max_pixels,
         rank=env.rank,
         world_size=env.world_size,
+        source_paths=source_paths(cfg),
     )
+
+
+def source_paths(cfg: BuildConfig) -> dict[str, str]:
+    """The recipe's source files and folders of its format (``source.<key>``), as each shard's marker records them."""
+    src = cfg.source
+    keys = REQUIRED[src.format] + tuple(k for k in PATH_KEYS if k not in REQUIRED[src.format])
+    return {f"source.{k}": str(getattr(src, k)) for k in keys if getattr(src, k, None)}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -192,6 +202,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
+    announce_run_folder(cfg.out.dir, "output folder")
     try:
         summary = run_build(cfg)
     except ConfigError as exc:
@@ -199,4 +210,4 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     print(summary)
     print(f"shards in {cfg.out.dir} (manifest: {os.path.join(cfg.out.dir, 'manifest.json')})")
-    return 1 if summary.errors else 0
+    return 0 if summary.ok else 1

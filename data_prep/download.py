@@ -12,6 +12,7 @@ extension (see :func:`local_name`). With ``keep=True`` fetched originals that de
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures as cf
 import dataclasses
 import hashlib
@@ -178,16 +179,28 @@ class Downloader:
         os.replace(tmp, path)
 
     def map_ordered(
-        self, items: Iterable[Any], url_of: Callable[[Any], str | None], window: int | None = None
-    ) -> Iterator[tuple[Any, bytes | DownloadError | None]]:
-        """Yield ``(item, bytes | DownloadError | None)`` in input order, downloading up to ``window`` ahead.
+        self,
+        items: Iterable[Any],
+        url_of: Callable[[Any], str | None],
+        window: int | None = None,
+        then: Callable[[Any, bytes], Any] | None = None,
+    ) -> Iterator[tuple[Any, Any]]:
+        """Yield ``(item, result)`` in input order, working on up to ``window`` items ahead.
 
-        Items whose ``url_of`` is None pass through with ``None``. Results come back in order so the caller can
-        write deterministically, while the bounded window caps memory at ``window`` images.
+        ``result`` is the downloaded bytes, or ``then(item, bytes)`` when ``then`` is given (run in the same
+        download thread, right after the fetch), or the :class:`DownloadError` / exception it raised; items whose
+        ``url_of`` is None pass through with ``None``. Results come back in order so the caller can write
+        deterministically, while the bounded window caps memory at ``window`` images.
+
+        Why ``then`` runs in the download threads: decoding and encoding in the consuming thread made it a serial
+        stage that had to win the GIL back from every network thread after each of PIL's GIL-free sections, so
+        more threads made the whole pipeline slower. Spread over the threads, that work scales with them until
+        the CPU is full (bench/download.py, docs/benchmarks.md).
         """
-        window = window or max(1, self.opts.threads * 2)
-        with cf.ThreadPoolExecutor(max_workers=max(1, self.opts.threads), thread_name_prefix="dl") as pool:
-            pending: list[tuple[Any, cf.Future | None]] = []
+        threads = max(1, self.opts.threads)
+        window = window or max(2, threads * 2)
+        with cf.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="dl") as pool:
+            pending: collections.deque[tuple[Any, cf.Future | None]] = collections.deque()
             it = iter(items)
             exhausted = False
             while True:
@@ -198,11 +211,20 @@ class Downloader:
                         exhausted = True
                         break
                     url = url_of(item)
-                    pending.append((item, pool.submit(self._fetch_safe, url) if url else None))
+                    pending.append((item, pool.submit(self._work, item, url, then) if url else None))
                 if not pending:
                     return
-                item, fut = pending.pop(0)
+                item, fut = pending.popleft()
                 yield item, (fut.result() if fut is not None else None)
+
+    def _work(self, item: Any, url: str, then: Callable[[Any, bytes], Any] | None) -> Any:
+        data = self._fetch_safe(url)
+        if then is None or isinstance(data, DownloadError):
+            return data
+        try:
+            return then(item, data)
+        except Exception as exc:  # noqa: BLE001 - handed to the consumer, which reports it per item
+            return exc
 
     def _fetch_safe(self, url: str) -> bytes | DownloadError:
         try:

@@ -111,17 +111,18 @@ def resize(img: Image.Image, image_size: int, resize_mode: str) -> Image.Image:
     return img
 
 
-def process_image(
+def decode_resize(
     src: bytes | Image.Image,
     image_size: int,
     resize_mode: str = "keep_ratio",
-    jpeg_quality: int = 95,
     max_pixels: int = DEFAULT_MAX_PIXELS,
-) -> ProcessedImage:
-    """Decode ``src`` (encoded bytes or a PIL image), fix orientation, convert to RGB, resize, encode as JPEG.
+) -> tuple[Image.Image, int, int]:
+    """Decode ``src``, fix orientation, convert to RGB and resize: ``(image, orig_width, orig_height)``.
 
-    Raises :class:`ImageError` with reason ``not an image``, ``corrupt image``, ``decompression bomb`` or
-    ``extreme aspect ratio`` (the resized image would exceed ``max_pixels``).
+    A JPEG larger than the target is decoded at reduced scale in the DCT domain (libjpeg's 1/2, 1/4, 1/8 scaling
+    through PIL's ``draft``, to the smallest scale still >= the target size), then resized with antialiasing to
+    the exact size; for 512² -> 256² that skips most of the decoding work (quality: docs/data_prep.md, Throughput).
+    Raises :class:`ImageError` like :func:`process_image`.
     """
     if isinstance(src, Image.Image):
         img = src
@@ -132,9 +133,9 @@ def process_image(
         img = _open(bytes(src), max_pixels)
         orig_w, orig_h = img.size
         if img.format == "JPEG":
-            # DCT-domain downscaling: decode at the smallest 1/2^k scale that is still >= the target size.
+            # the stored (pre-EXIF-rotation) orientation: a rotation swaps both sides alike, so the scale is the same
             tw, th = target_size(orig_w, orig_h, image_size, resize_mode)
-            if tw < orig_w:
+            if tw < orig_w and th < orig_h:
                 img.draft("RGB", (tw, th))
         try:
             img.load()
@@ -152,10 +153,27 @@ def process_image(
         # keep_ratio on a 10000x10 strip would allocate a gigapixel image
         raise ImageError("extreme aspect ratio", f"{img.width}x{img.height} would resize to {tw}x{th}")
     try:
-        rgb = _to_rgb(img)
-        out = resize(rgb, image_size, resize_mode)
-        buf = io.BytesIO()
-        out.save(buf, format="JPEG", quality=jpeg_quality)
+        return resize(_to_rgb(img), image_size, resize_mode), orig_w, orig_h
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
+        raise ImageError("corrupt image", str(exc)) from exc
+
+
+def process_image(
+    src: bytes | Image.Image,
+    image_size: int,
+    resize_mode: str = "keep_ratio",
+    jpeg_quality: int = 95,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> ProcessedImage:
+    """Decode ``src`` (encoded bytes or a PIL image), fix orientation, convert to RGB, resize, encode as JPEG.
+
+    Raises :class:`ImageError` with reason ``not an image``, ``corrupt image``, ``decompression bomb`` or
+    ``extreme aspect ratio`` (the resized image would exceed ``max_pixels``).
+    """
+    out, orig_w, orig_h = decode_resize(src, image_size, resize_mode, max_pixels)
+    buf = io.BytesIO()
+    try:
+        out.save(buf, format="JPEG", quality=jpeg_quality)
+    except (OSError, ValueError) as exc:
         raise ImageError("corrupt image", str(exc)) from exc
     return ProcessedImage(buf.getvalue(), out.width, out.height, orig_w, orig_h)

@@ -179,7 +179,11 @@ def format_report(report: dict[str, Any]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m data_prep inspect <dir | pattern> [--out sheet.png] [--num 16] [--limit N] [--json]``."""
-    parser = argparse.ArgumentParser(prog="python -m data_prep inspect", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m data_prep inspect",
+        description=__doc__.split("\n")[0],
+        epilog="what it reports: docs/data_prep.md",
+    )
     parser.add_argument("shards", help="shard folder, or pattern (path, glob, {00000..00009} range)")
     parser.add_argument("--out", help="write a contact sheet PNG of the first samples here")
     parser.add_argument("--num", type=int, default=16, help="samples on the contact sheet")

@@ -24,7 +24,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from launch.config import ConfigError, load_config, to_dict
-from launch.logging import get_logger, setup_logging
+from launch.logging import announce_run_folder, get_logger, setup_logging
 
 from .schema import MANIFEST_NAME, SHARD_NAME, sample_key
 from .shards import write_shards
@@ -264,13 +264,18 @@ def run(cfg: SyntheticConfig) -> list[dict[str, Any]]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: ``python -m data_prep synthetic --config configs/data_prep/synthetic.yaml [key=value ...]``."""
-    parser = argparse.ArgumentParser(prog="python -m data_prep synthetic", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m data_prep synthetic",
+        description=__doc__.split("\n")[0],
+        epilog="recipe keys and files: docs/synthetic.md",
+    )
     parser.add_argument("--config", help="YAML recipe (configs/data_prep/synthetic.yaml)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. out.dir=data/syn splits.train=500")
     args = parser.parse_args(argv)
     setup_logging()
     try:
         cfg = load_config(SyntheticConfig, args.config, args.overrides)
+        announce_run_folder(cfg.out.dir, "output folder")
         log.info("config: %s", json.dumps(to_dict(cfg)))
         run(cfg)
     except ConfigError as exc:

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageEnhance, ImageOps
+from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -182,8 +182,54 @@ class RandAugment:
         return img
 
 
+class ColorAugment:
+    """TCL's extra view augmentations, in its order: colour jitter (brightness, contrast, saturation 0.4, hue 0.1;
+    the four in a random order, as torchvision) with probability 0.8, grayscale with probability 0.2, Gaussian
+    blur with sigma uniform in [0.1, 2] with probability 0.5. Every draw comes from the generator, and every draw
+    is made whether or not the op applies, so the stream does not depend on the image."""
+
+    def __init__(
+        self, jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1), p_jitter: float = 0.8,
+        p_gray: float = 0.2, p_blur: float = 0.5, sigma: tuple[float, float] = (0.1, 2.0),
+    ) -> None:  # fmt: skip
+        self.jitter, self.p_jitter, self.p_gray, self.p_blur, self.sigma = jitter, p_jitter, p_gray, p_blur, sigma
+
+    def __call__(self, img: Image.Image, generator: torch.Generator | None = None) -> Image.Image:
+        b, c, s, h = self.jitter
+        do_jitter = float(torch.rand((), generator=generator)) < self.p_jitter
+        order = torch.randperm(4, generator=generator).tolist()
+        factors = [_uniform(generator, max(0.0, 1 - v), 1 + v) for v in (b, c, s)] + [_uniform(generator, -h, h)]
+        do_gray = float(torch.rand((), generator=generator)) < self.p_gray
+        do_blur = float(torch.rand((), generator=generator)) < self.p_blur
+        radius = _uniform(generator, *self.sigma)
+        if do_jitter:
+            for op in order:
+                if op == 0:
+                    img = ImageEnhance.Brightness(img).enhance(factors[0])
+                elif op == 1:
+                    img = ImageEnhance.Contrast(img).enhance(factors[1])
+                elif op == 2:
+                    img = ImageEnhance.Color(img).enhance(factors[2])
+                else:
+                    img = _shift_hue(img, factors[3])
+        if do_gray:
+            img = img.convert("L").convert("RGB")
+        if do_blur:
+            img = img.filter(ImageFilter.GaussianBlur(radius=radius))
+        return img
+
+
+def _shift_hue(img: Image.Image, shift: float) -> Image.Image:
+    """Rotate the hue by ``shift`` of a full turn (torchvision's ``adjust_hue``), via PIL's 8-bit HSV."""
+    h, s, v = img.convert("HSV").split()
+    delta = int(round(shift * 255))
+    h = h.point(lambda x: (x + delta) % 256)
+    return Image.merge("HSV", (h, s, v)).convert("RGB")
+
+
 class TrainTransform:
-    """RandomResizedCrop (bicubic) -> horizontal flip -> optional RandAugment -> tensor -> normalize."""
+    """RandomResizedCrop (bicubic) -> optional TCL colour augmentation -> horizontal flip -> optional RandAugment
+    -> tensor -> normalize."""
 
     def __init__(
         self,
@@ -193,6 +239,7 @@ class TrainTransform:
         mean: Sequence[float] = CLIP_MEAN,
         std: Sequence[float] = CLIP_STD,
         flip: bool = True,
+        color: bool = False,
     ) -> None:
         if not 0.0 < crop_scale[0] <= crop_scale[1] <= 1.0:
             raise ValueError(f"crop_scale must satisfy 0 < low <= high <= 1, got {crop_scale}")
@@ -200,6 +247,7 @@ class TrainTransform:
         self.crop_scale = (float(crop_scale[0]), float(crop_scale[1]))
         self.flip = flip
         self.randaugment = RandAugment() if randaugment else None
+        self.color = ColorAugment() if color else None
         self.mean = tuple(mean)
         self.std = tuple(std)
 
@@ -212,6 +260,8 @@ class TrainTransform:
         size = (self.image_size, self.image_size)
         # resize with a box crops and resamples in one (antialiased) pass
         img = img.resize(size, Image.Resampling.BICUBIC, box=(left, top, left + w, top + h))
+        if self.color is not None:
+            img = self.color(img, generator)
         if self.flip and float(torch.rand((), generator=generator)) < 0.5:
             img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         if self.randaugment is not None:
@@ -243,9 +293,10 @@ def train_transform(
     mean: Sequence[float] = CLIP_MEAN,
     std: Sequence[float] = CLIP_STD,
     flip: bool = True,
+    color: bool = False,
 ) -> TrainTransform:
-    """ALBEF's pretraining augmentation; call the result as ``tf(pil_image, generator[, out=tensor])``."""
-    return TrainTransform(image_size, crop_scale, randaugment, mean, std, flip)
+    """ALBEF's pretraining augmentation (``color``: plus TCL's); call as ``tf(pil_image, generator[, out=tensor])``."""
+    return TrainTransform(image_size, crop_scale, randaugment, mean, std, flip, color)
 
 
 def eval_transform(

@@ -26,8 +26,10 @@ def _nice_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
     return [start + i * step for i in range(int((hi - start) / step + 1e-9) + 1)]
 
 
-def _fmt(v: float) -> str:
-    return f"{v:.0f}" if abs(v) >= 100 or v == int(v) else f"{v:.3g}"
+def _fmt(v: float, step: float = 1.0) -> str:
+    """``v`` with as many decimals as the tick step needs (ticks 261.5 and 262 must not both read 262)."""
+    decimals = max(0, -math.floor(math.log10(step))) if step > 0 else 2
+    return f"{v:.{decimals}f}"
 
 
 def errorbar_plot(
@@ -55,7 +57,8 @@ def errorbar_plot(
         d.text((left, top), f"{title}: no finished runs", fill="black", font=font)
         img.save(path)
         return Path(path)
-    x0, x1 = min(xs), max(xs)
+    # a categorical axis shows every category, also those without a finished run
+    x0, x1 = (min(xticklabels), max(xticklabels)) if xticklabels else (min(xs), max(xs))
     pad = (x1 - x0) * 0.08 or 0.5
     x0, x1 = x0 - pad, x1 + pad
     y0, y1 = min(ys), max(ys)
@@ -64,11 +67,13 @@ def errorbar_plot(
     px = lambda x: left + (x - x0) / (x1 - x0) * (w - left - right)  # noqa: E731
     py = lambda y: h - bottom - (y - y0) / (y1 - y0) * (h - top - bottom)  # noqa: E731
     d.rectangle((left, top, w - right, h - bottom), outline="black")
-    for t in _nice_ticks(y0, y1):
+    yt = _nice_ticks(y0, y1)
+    for t in yt:
         d.line((left - 4, py(t), left, py(t)), fill="black")
         d.line((left, py(t), w - right, py(t)), fill=(232, 232, 232))
-        d.text((left - 8, py(t)), _fmt(t), fill="black", font=font, anchor="rm")
-    ticks = xticklabels or {t: _fmt(t) for t in _nice_ticks(x0, x1)}
+        d.text((left - 8, py(t)), _fmt(t, yt[1] - yt[0] if len(yt) > 1 else 1.0), fill="black", font=font, anchor="rm")
+    xt = _nice_ticks(x0, x1)
+    ticks = xticklabels or {t: _fmt(t, xt[1] - xt[0] if len(xt) > 1 else 1.0) for t in xt}
     for t, label in ticks.items():
         d.line((px(t), h - bottom, px(t), h - bottom + 4), fill="black")
         d.text((px(t), h - bottom + 8), label, fill="black", font=font, anchor="ma")

@@ -26,6 +26,10 @@ difference (same seed) against the experiment's control arm, with its 95 % t-int
 
 These are measurements on the synthetic set with tiny models on CPU (docs/experiments.md says what that
 setting is and is not); at the paper's scale the recipes' GPU versions have to be run.
+
+Measured before the runner existed (docs/experiments.md, same tiny CLIP recipe, exhaustive captions, 3 seeds):
+MixGen on − off zero-shot RSUM −22.2 ± 38.5, i.e. **no evidence either way**; so far nothing here supports
+turning MixGen on or off for this setting.
 """
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from launch.config import ConfigError, load_config
-from launch.logging import setup_logging
+from launch.logging import announce_run_folder, report_config_error, setup_logging
 
 log = logging.getLogger("vlp.finetune")
 
@@ -29,7 +29,11 @@ BACKBONE_PREFIX = "backbone."
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m finetune", description="Fine-tune or evaluate a pretrained model.")
+    parser = argparse.ArgumentParser(
+        prog="python -m finetune",
+        description="Fine-tune or evaluate a pretrained model.",
+        epilog="recipe keys: docs/finetune.md (task.*, eval.*); shared keys: docs/pretrain.md, docs/models.md",
+    )
     parser.add_argument("--config", required=True, help="YAML recipe, e.g. configs/finetune/retrieval_synthetic.yaml")
     parser.add_argument("--eval-only", action="store_true", help="evaluate model.init on eval.splits; no training")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
@@ -54,11 +58,15 @@ def load_config_checked(path: str, overrides: list[str], eval_only: bool) -> Any
     return cfg
 
 
-def load_backbone_init(model: Any, init: str | None) -> dict[str, list[str]]:
-    """Load ``init`` into ``model``; a fine-tune run's weights (``backbone.``-prefixed) load as well."""
+def load_backbone_init(model: Any, init: str | None, model_name: str | None = None) -> dict[str, list[str]]:
+    """Load ``init`` into ``model``; a fine-tune run's weights (``backbone.``-prefixed) load as well.
+
+    Every key must match both ways (:func:`pretrain.export.check_init_keys`; a model may declare
+    ``init_optional_keys`` prefixes): weights of another model are an error before any is copied.
+    """
     import torch
 
-    from pretrain.export import load_state
+    from pretrain.export import InitMismatchError, check_init_keys, init_source, load_state
 
     if init in (None, "", "none"):
         return {"missing": [], "unexpected": []}
@@ -66,12 +74,16 @@ def load_backbone_init(model: Any, init: str | None) -> dict[str, list[str]]:
     if state and all(k.startswith(BACKBONE_PREFIX) for k in state):
         state = {k[len(BACKBONE_PREFIX) :]: v for k, v in state.items()}
     own = model.state_dict()
+    name = model_name or type(model).__name__
+    check_init_keys(name, init, list(state), list(own), tuple(getattr(model, "init_optional_keys", ())))
     shared = [k for k in state if k in own]
-    if not shared:
-        raise ValueError(f"model.init: no weight in {init} matches model '{type(model).__name__}'")
     bad = [f"{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in shared if state[k].shape != own[k].shape]
     if bad:
-        raise ValueError(f"model.init: shape mismatch for {len(bad)} weights, e.g. {bad[:3]}")
+        source, where = init_source(init)
+        raise InitMismatchError(
+            f"model.init: {init} does not match model {name!r}: shape mismatch for {len(bad)} weights, e.g. "
+            f"{bad[:3]}; the checkpoint was trained as {source!r} ({where}): same model, other size settings?"
+        )
     with torch.no_grad():
         result = model.load_state_dict(state, strict=False)
     return {"missing": list(result.missing_keys), "unexpected": list(result.unexpected_keys)}
@@ -119,9 +131,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         cfg = load_config_checked(args.config, args.overrides, args.eval_only)
+        if not args.eval_only:
+            from launch.dist import detect_env
+            from pretrain.engine import check_resume
+
+            check_resume(cfg, detect_env().world_size)  # before any process group or model exists
     except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
-        return 2
+        return report_config_error(exc)
+    announce_run_folder(cfg.run.dir)
     setup_logging()
     from pretrain.__main__ import _quiet_libraries
 
@@ -135,12 +152,20 @@ def main(argv: list[str] | None = None) -> int:
     from launch.config import save_config
     from pretrain import models
     from pretrain.engine import Trainer, init_distributed
+    from pretrain.export import InitMismatchError
 
-    env = init_distributed()
     seed_everything(cfg.run.seed)  # identical initial weights on every rank
     _, build = models.get(cfg.model.name)
     backbone = build(cfg.model)
-    loaded = load_backbone_init(backbone, cfg.model.init)
+    _, task_cls = tasks.get(cfg.task.name)
+    heads = tuple(getattr(task_cls, "init_optional_keys", ()))
+    if heads:  # a task head saved with the backbone (best.safetensors) may be absent from model.init, or present
+        backbone.init_optional_keys = tuple(getattr(backbone, "init_optional_keys", ())) + heads
+    try:  # before any process group: weights of another model are a config error, not a traceback per rank
+        loaded = load_backbone_init(backbone, cfg.model.init, cfg.model.name)
+    except InitMismatchError as exc:
+        return report_config_error(exc)
+    env = init_distributed()
     if env.rank == 0 and cfg.model.init not in ("", "none"):
         log.info("model.init %s: %d missing, %d unexpected keys", cfg.model.init, *map(len, loaded.values()))
     _, task_cls = tasks.get(cfg.task.name)
@@ -178,7 +203,12 @@ def main(argv: list[str] | None = None) -> int:
             return _scalars(metrics)
 
         every = cfg.eval.every or loader.steps_per_epoch
-        trainer = Trainer(cfg, model, loader, evaluate=evaluate, eval_every=every)
+        from pretrain.mixgen import build_mixgen
+
+        augment = build_mixgen(cfg.mixgen, seed=cfg.run.seed, rank=env.rank)  # off unless the recipe enables it
+        groups_fn = getattr(task, "param_groups", None)  # e.g. a head at a multiple of the learning rate
+        groups = groups_fn(model) if callable(groups_fn) else None
+        trainer = Trainer(cfg, model, loader, augment=augment, evaluate=evaluate, eval_every=every, groups=groups)
         summary = trainer.fit()
         if summary.get("preempted"):
             log.warning("preempted: no final test evaluation; rerun the same command to resume")
@@ -198,7 +228,8 @@ def main(argv: list[str] | None = None) -> int:
             for path in task.report(evaluated[split], split, run_dir):
                 results.setdefault("figures", []).append(str(path))
         atomic_write_json(run_dir / "results.json", results)
-        print(table(results["splits"], cfg.eval.ks))
+        task_table = getattr(task, "table", None)  # tasks with other metrics print their own table
+        print(task_table(results["splits"]) if callable(task_table) else table(results["splits"], cfg.eval.ks))
         print(f"results: {run_dir / 'results.json'}")
     if dist.is_initialized():
         dist.barrier()

@@ -26,6 +26,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -154,12 +155,22 @@ def _default_data_overrides(run: Path) -> list[str]:
         return [f"task.{k}={task[k]}" for k in ("image_root", "val_json", "test_json") if task.get(k)]
     if not isinstance(shards, str):
         return []
-    root = Path(shards.split("{")[0]).parent.parent if "{" in shards else Path(shards).parent.parent
+    root = Path(os.path.dirname(shards)).parent  # <root>/train/{00000..00007}.tar -> <root>
     found = [f"task.image_root={root}"]
     for split in ("train", "val", "test"):
         path = root / f"{split}_retrieval.json"
         found.append(f"task.{split}_json={path if path.is_file() else 'none'}")
     return found
+
+
+def run_names(runs: Sequence[Path]) -> list[str]:
+    """Short names that tell the runs apart: the last path parts, as many as needed (``arm/seed0/pretrain``)."""
+    parts = [Path(os.path.abspath(r)).parts for r in runs]
+    for k in range(1, max(len(p) for p in parts) + 1):
+        names = ["/".join(p[-k:]) for p in parts]
+        if len(set(names)) == len(names):
+            return names
+    return [str(r) for r in runs]
 
 
 def load_run(run: Path, recipe: str, overrides: Sequence[str]) -> tuple[Any, Any, Any]:
@@ -317,12 +328,13 @@ def analyze(
 ) -> Path:  # fmt: skip
     """Analyse one run, or compare two; returns the output folder (PNG, ``analysis.json``, TensorBoard)."""
     encoded, task = [], None
-    for run in runs:
+    for run, name in zip(runs, run_names(runs)):
         enc, task = encode(run, recipe, overrides, split)
+        enc.name = name
         encoded.append(enc)
     if len(encoded) == 2 and encoded[0].split.texts != encoded[1].split.texts:
         raise ConfigError("the two runs were evaluated on different annotation files; pass the same task.test_json")
-    out = runs[0] / ("analysis" if len(runs) == 1 else f"analysis_vs_{runs[1].name}")
+    out = runs[0] / ("analysis" if len(runs) == 1 else f"analysis_vs_{encoded[1].name.replace('/', '_')}")
     out.mkdir(parents=True, exist_ok=True)
     result: dict[str, Any] = {"split": split, "runs": {}}
     figures: dict[str, Path] = {}
@@ -337,7 +349,8 @@ def analyze(
         if enc.kind in ("fusion", "single"):
             maps = gradcam_maps(enc, pairs)
             entry["gradcam"] = [{k: v for k, v in m.items() if k != "cam"} for m in maps]
-            figures[f"gradcam_{len(result['runs'])}"] = gradcam_png(task, enc, maps, out / f"gradcam_{enc.name}.png")
+            png = out / f"gradcam_{enc.name.replace('/', '_')}.png"
+            figures[f"gradcam_{len(result['runs'])}"] = gradcam_png(task, enc, maps, png)
         result["runs"][enc.name if enc.name not in result["runs"] else f"{enc.name}_2"] = entry
     if len(coords) == len(encoded):
         figures["projection"] = projection_png(encoded, coords, out / "projection.png")
@@ -402,8 +415,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging()
     try:
         out = analyze(runs, args.config, overrides, args.split, args.top_k, args.queries, args.pairs)
-    except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
+    except (ConfigError, FileNotFoundError) as exc:
+        hint = "(task.test_json=... / task.image_root=... name the evaluation data)"
+        print(f"config error: {exc} {hint}", file=sys.stderr)
         return 2
     print(json.dumps(json.loads((out / "analysis.json").read_text())["runs"], indent=1))
     print(f"analysis: {out}")

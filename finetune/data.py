@@ -304,9 +304,21 @@ def _collate_eval(items: list[tuple[int, torch.Tensor | None, str]]) -> dict[str
 
 
 def eval_image_batches(
-    refs: Sequence[str], store: ImageStore, transform: Callable, batch_size: int, num_workers: int = 0
+    refs: Sequence[str],
+    store: ImageStore,
+    transform: Callable,
+    batch_size: int,
+    num_workers: int = 0,
+    desc: str = "eval images",
 ) -> Iterator[dict[str, Any]]:
-    """Batches ``{"index", "image", "failed"}`` over ``refs`` in order (failed images reported, not raised)."""
+    """Batches ``{"index", "image", "failed"}`` over ``refs`` in order (failed images reported, not raised).
+
+    Rank 0 shows a tqdm bar (images and img/s): evaluation of a large split takes minutes.
+    """
+    from tqdm import tqdm
+
+    from launch.logging import is_rank0
+
     loader = DataLoader(
         EvalImages(refs, store, transform),
         batch_size=batch_size,
@@ -314,7 +326,10 @@ def eval_image_batches(
         num_workers=num_workers,
         collate_fn=_collate_eval,
     )
-    yield from loader
+    with tqdm(total=len(refs), desc=desc, unit="img", disable=not is_rank0(), dynamic_ncols=True) as bar:
+        for batch in loader:
+            yield batch
+            bar.update(len(batch["index"]) + len(batch["failed"]))
 
 
 # ============================================================================ training loader

@@ -2,7 +2,8 @@
 
 Entries are started by module name: ``pretrain``, ``finetune``, ``data_prep build``, ``data_prep style``.
 ``key=value`` arguments override the stage recipe; ``launch.<key>=value`` ones override the launch recipe
-(``configs/launch/*.yaml``) for ``slurm``. See docs/cluster.md.
+(``configs/launch/*.yaml``) for ``slurm``. See docs/cluster.md. ``local`` validates the recipe before torchrun
+starts (a configuration error is one ``config error:`` line and exit status 2) and prints the command shell-quoted.
 """
 
 from __future__ import annotations
@@ -13,14 +14,15 @@ from collections.abc import Sequence
 
 from launch.config import ConfigError
 
-USAGE = """usage:
-  python -m launch local <entry> --config RECIPE [--nproc N] [--dry-run] [key=value ...]
-  python -m launch slurm <entry> --config RECIPE [--nodes N] [--gpus-per-node G] [--tasks-per-node T]
+USAGE_LOCAL = "python -m launch local <entry> --config RECIPE [--nproc N] [--dry-run] [key=value ...]"
+USAGE_SLURM = """python -m launch slurm <entry> --config RECIPE [--nodes N] [--gpus-per-node G] [--tasks-per-node T]
                          [--partition P] [--time 4:00:00] [--account A] [--qos Q] [--constraint C] [--mem GB]
-                         [--cpus-per-task C] [--array N] [--launch-config configs/launch/X.yaml]
-                         [--cluster slurm|local] [--no-check] [--wait] [key=value ...] [launch.KEY=value ...]
-
-entries: pretrain | finetune | data_prep build | data_prep style (any module run as `python -m <module> [sub]`)"""
+                         [--cpus-per-task C] [--array N] [--launch-config configs/launch/<name>.yaml]
+                         [--cluster slurm|local] [--no-check] [--wait] [key=value ...] [launch.KEY=value ...]"""
+DOCS = """entries: pretrain | finetune | data_prep build | data_prep style (any module run as `python -m MODULE [SUB]`)
+key=value overrides go to the stage recipe (keys: docs/pretrain.md, docs/finetune.md, docs/data_prep.md,
+docs/style.md); launch.KEY=value to the launch recipe (keys: docs/cluster.md)."""
+USAGE = f"usage:\n  {USAGE_LOCAL}\n  {USAGE_SLURM}\n\n{DOCS}"
 
 # command-line flag -> launch config key
 _SLURM_FLAGS = {
@@ -44,11 +46,15 @@ _SLURM_FLAGS = {
 def _local(entry_words: list[str], rest: list[str]) -> int:
     from launch.local import parse_entry, run_local
 
-    parser = argparse.ArgumentParser(prog="python -m launch local", usage=USAGE)
-    parser.add_argument("--config", required=True)
+    parser = argparse.ArgumentParser(
+        prog="python -m launch local", usage=USAGE_LOCAL, epilog=DOCS, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--config", required=True, help="the stage recipe (YAML)")
     parser.add_argument("--nproc", type=int, default=1, help="processes on this machine (torchrun --nproc_per_node)")
-    parser.add_argument("--dry-run", action="store_true", help="print the torchrun command, do not run it")
-    parser.add_argument("overrides", nargs="*")
+    parser.add_argument(
+        "--dry-run", action="store_true", help="validate the recipe and print the torchrun command, do not run it"
+    )
+    parser.add_argument("overrides", nargs="*", help="key=value overrides of the stage recipe")
     args = parser.parse_intermixed_args(rest)
     return run_local(parse_entry(entry_words), args.config, args.overrides, nproc=args.nproc, dry_run=args.dry_run)
 
@@ -57,14 +63,16 @@ def _slurm(entry_words: list[str], rest: list[str], command: Sequence[str]) -> i
     from launch.local import parse_entry
     from launch.slurm import follow_hints, load_launch_config, submit
 
-    parser = argparse.ArgumentParser(prog="python -m launch slurm", usage=USAGE)
-    parser.add_argument("--config", required=True)
+    parser = argparse.ArgumentParser(
+        prog="python -m launch slurm", usage=USAGE_SLURM, epilog=DOCS, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--config", required=True, help="the stage recipe (YAML)")
     parser.add_argument("--launch-config", default=None, help="configs/launch/*.yaml")
     for flag, type_ in _SLURM_FLAGS.items():
         parser.add_argument("--" + flag.replace("_", "-"), dest=flag, type=type_, default=None)
     parser.add_argument("--no-check", action="store_true", help="skip validating the stage recipe before submitting")
     parser.add_argument("--wait", action="store_true", help="wait for the job(s) and print the result")
-    parser.add_argument("overrides", nargs="*")
+    parser.add_argument("overrides", nargs="*", help="key=value (stage recipe) and launch.KEY=value overrides")
     args = parser.parse_intermixed_args(rest)
 
     launch_overrides = [

@@ -200,9 +200,28 @@ def parse_overrides(overrides: typing.Sequence[str]) -> list[tuple[str, Any]]:
     return out
 
 
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+SHIPPED_DIRS = ("assets", "configs")  # folders of the repository that recipes name by a relative path
+
+
+def resolve_project_path(value: str | os.PathLike) -> str:
+    """``value``, or the shipped file it names when run from another working directory.
+
+    A relative ``assets/...`` or ``configs/...`` path that does not exist here but exists in the project's own
+    folders resolves there, so recipes (and ``--config configs/...``) work from any working directory. Anything
+    else, outputs and user data included, stays relative to the working directory.
+    """
+    text = os.fspath(value)
+    p = Path(text)
+    if p.is_absolute() or p.exists() or not p.parts or p.parts[0] not in SHIPPED_DIRS:
+        return text
+    shipped = PROJECT_ROOT / p
+    return str(shipped) if shipped.exists() else text
+
+
 def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
     """Read a YAML mapping, with a clear error on a missing or malformed file."""
-    p = Path(path)
+    p = Path(resolve_project_path(path))
     if not p.is_file():
         raise ConfigError(f"config file not found: {p}")
     try:
@@ -223,6 +242,9 @@ def _check_paths(obj: Any, prefix: str = "") -> None:
             continue
         if value in (None, "", "none"):
             continue
+        if f.metadata.get("must_exist") and isinstance(value, str):
+            value = resolve_project_path(value)
+            setattr(obj, f.name, value)
         values = value if isinstance(value, (list, tuple)) else [value]
         if f.metadata.get("must_exist"):
             for v in values:

@@ -5,9 +5,13 @@ from __future__ import annotations
 import dataclasses
 import os
 import socket
+from typing import TYPE_CHECKING
 
-import torch
-import torch.distributed as dist
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported inside the functions that use it: detect_env() serves data_prep, whose commands (and every
+# worker they start) must not pay torch's import time (seconds) just to read a few environment variables.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,11 +75,16 @@ def export_env(env: DistEnv | None = None) -> DistEnv:
 
 
 def default_backend() -> str:
+    import torch
+
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
 def init_distributed(backend: str | None = None) -> DistEnv:
     """Initialise the default process group once (also for world size 1, so collectives always work)."""
+    import torch
+    import torch.distributed as dist
+
     env = export_env()
     if not dist.is_initialized():
         if torch.cuda.is_available():
@@ -85,18 +94,25 @@ def init_distributed(backend: str | None = None) -> DistEnv:
 
 
 def device() -> torch.device:
+    import torch
+
     if torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
 
 def barrier() -> None:
+    import torch.distributed as dist
+
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
 
 
 def all_reduce_max(value: float) -> float:
     """Max of a scalar over ranks (identity without a process group)."""
+    import torch
+    import torch.distributed as dist
+
     if not (dist.is_available() and dist.is_initialized()):
         return float(value)
     t = torch.tensor([float(value)], dtype=torch.float64, device=_collective_device())
@@ -106,6 +122,9 @@ def all_reduce_max(value: float) -> float:
 
 def all_reduce_sum(value: float) -> float:
     """Sum of a scalar over ranks (identity without a process group)."""
+    import torch
+    import torch.distributed as dist
+
     if not (dist.is_available() and dist.is_initialized()):
         return float(value)
     t = torch.tensor([float(value)], dtype=torch.float64, device=_collective_device())
@@ -114,6 +133,8 @@ def all_reduce_sum(value: float) -> float:
 
 
 def broadcast_object(obj: object, src: int = 0) -> object:
+    import torch.distributed as dist
+
     if not (dist.is_available() and dist.is_initialized()):
         return obj
     box = [obj]
@@ -122,4 +143,7 @@ def broadcast_object(obj: object, src: int = 0) -> object:
 
 
 def _collective_device() -> torch.device:
+    import torch
+    import torch.distributed as dist
+
     return device() if dist.get_backend() == "nccl" else torch.device("cpu")

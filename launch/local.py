@@ -11,6 +11,7 @@ import dataclasses
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -23,6 +24,34 @@ from launch.dist import free_port
 
 _MODULE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 _SUB_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
+
+# Stage config schemas known to launch, by name only (layer 0 imports nothing above it; the check runs in a child
+# process). An entry that is not listed is validated by the entry itself when the job starts.
+SCHEMAS = {
+    "pretrain": "pretrain.config:PretrainConfig",
+    "finetune": "finetune.config:FinetuneConfig",
+    "data_prep build": "data_prep.build:BuildConfig",
+    "data_prep style": "data_prep.style.stage:StageConfig",
+    "data_prep synthetic": "data_prep.synthetic:SyntheticConfig",
+}
+
+_CHECK_CODE = """\
+import importlib, sys
+from launch.config import ConfigError, load_config
+mod, _, attr = sys.argv[1].partition(':')
+try:
+    schema = getattr(importlib.import_module(mod), attr)
+except (ImportError, AttributeError):
+    sys.exit(0)  # schema not available here: the entry validates when the job starts
+try:
+    cfg = load_config(schema, sys.argv[3], sys.argv[4:])
+    preflight = getattr(cfg, 'preflight', None)
+    if callable(preflight) and sys.argv[2]:
+        preflight(int(sys.argv[2]))
+except ConfigError as exc:
+    print(exc)
+    sys.exit(2)
+"""
 
 # Entries that train with the shared engine: a requeued job must resume from the run's latest checkpoint.
 TRAINING_ENTRIES = ("pretrain", "finetune")
@@ -106,6 +135,29 @@ def stage_dir(tree: dict[str, Any]) -> Path:
     raise ConfigError("the stage recipe sets neither run.dir nor out.dir: launch needs an output folder for its logs")
 
 
+def check_stage_config(
+    entry: Entry, config: str, overrides: Sequence[str], world_size: int | None = None
+) -> str | None:
+    """Validate the stage recipe against its schema in a child process (by module name); returns an error or None.
+
+    A child process because launch is layer 0: it must not import the entry's packages itself. With
+    ``world_size``, the recipe's ``preflight(world_size)`` runs too (e.g. a resume that needs the same world size).
+    """
+    ref = SCHEMAS.get(entry.name)
+    if ref is None:
+        return None
+    proc = subprocess.run(
+        [sys.executable, "-c", _CHECK_CODE, ref, str(world_size or ""), config, *overrides],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    if proc.returncode == 0:
+        return None
+    lines = proc.stdout.strip().splitlines() or proc.stderr.strip().splitlines() or ["unknown error"]
+    return lines[-1]
+
+
 def torchrun_command(
     entry: Entry, config: str, overrides: Sequence[str], nproc: int, master_port: int | None = None
 ) -> list[str]:
@@ -144,16 +196,21 @@ def run_local(
 ) -> int:
     """Run the entry under torchrun on this machine; returns torchrun's exit status.
 
-    The command is written to ``<run dir>/launch/local.json`` before it starts, so a run folder always says how
-    it was started.
+    The recipe is validated first, here (one ``config error:`` line, exit status 2, no worker started; also for
+    ``dry_run``). The command is printed shell-quoted, so it can be pasted, and written to
+    ``<run dir>/launch/local.json`` before it starts, so a run folder always says how it was started.
     """
     check_module(entry)
     tree = stage_tree(config, overrides)  # a malformed recipe or override fails here, before any worker starts
+    out = stage_dir(tree)
+    error = check_stage_config(entry, str(config), overrides, world_size=nproc)
+    if error:
+        raise ConfigError(error)
     cmd = torchrun_command(entry, config, overrides, nproc)
-    print(" ".join(cmd), flush=True)
+    print(f"run folder: {os.path.abspath(out)}", flush=True)
+    print(shlex.join(cmd), flush=True)
     if dry_run:
         return 0
-    out = stage_dir(tree)
     record = out / "launch" / "local.json"
     record.parent.mkdir(parents=True, exist_ok=True)
     record.write_text(

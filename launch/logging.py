@@ -27,3 +27,24 @@ def setup_logging(rank: int | None = None, level: int = logging.INFO, file: str 
 
 def get_logger(name: str) -> logging.Logger:
     return logging.getLogger(f"vlp.{name}")
+
+
+def report_config_error(exc: BaseException) -> int:
+    """Print ``config error: <exc>`` once per job (rank 0 only: every rank finds the same error) and return 2,
+    the exit status of every entry point for a configuration problem."""
+    rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))
+    if rank in ("", "0"):
+        print(f"config error: {exc}", file=sys.stderr, flush=True)
+    return 2
+
+
+def announce_run_folder(path: str | os.PathLike, what: str = "run folder") -> None:
+    """Print ``run folder: <absolute path>`` on rank 0, the first line of every run, so its outputs can be found."""
+    rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))
+    if rank in ("", "0"):
+        print(f"{what}: {os.path.abspath(os.fspath(path))}", flush=True)
+
+
+def is_rank0() -> bool:
+    """True in the process that reports for the job (rank 0, or a plain single process)."""
+    return os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) in ("", "0")

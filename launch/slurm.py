@@ -36,21 +36,11 @@ import yaml
 
 from launch import preempt
 from launch.config import ConfigError, load_config, to_dict
-from launch.local import Entry, check_module, stage_dir, stage_tree
+from launch.local import Entry, check_module, check_stage_config, stage_dir, stage_tree
 
 # submitit's LocalExecutor restarts the tasks when one exits with this code; we use it on Slurm too so that the
 # requeued tasks' exit status is recognisable in the logs.
 REQUEUE_EXIT_CODE = 144
-
-# Stage config schemas known to launch, by name only (layer 0 imports nothing above it; the check runs in a child
-# process). An entry that is not listed is validated by the entry itself when the job starts.
-SCHEMAS = {
-    "pretrain": "pretrain.config:PretrainConfig",
-    "finetune": "finetune.config:FinetuneConfig",
-    "data_prep build": "data_prep.build:BuildConfig",
-    "data_prep style": "data_prep.style.stage:StageConfig",
-    "data_prep synthetic": "data_prep.synthetic:SyntheticConfig",
-}
 
 
 @dataclasses.dataclass
@@ -303,37 +293,6 @@ def default_requeue_overrides(entry: Entry, cfg: LaunchConfig) -> list[str]:
     return ["train.resume=latest"] if entry.trains else []
 
 
-def check_stage_config(entry: Entry, config: str, overrides: Sequence[str]) -> str | None:
-    """Validate the stage recipe against its schema in a child process (by module name); returns an error or None.
-
-    A child process because launch is layer 0: it must not import the entry's packages itself.
-    """
-    ref = SCHEMAS.get(entry.name)
-    if ref is None:
-        return None
-    code = (
-        "import importlib, sys\n"
-        "from launch.config import ConfigError, load_config\n"
-        "mod, _, attr = sys.argv[1].partition(':')\n"
-        "try:\n"
-        "    schema = getattr(importlib.import_module(mod), attr)\n"
-        "except (ImportError, AttributeError):\n"
-        "    sys.exit(0)  # schema not available here: the entry validates when the job starts\n"
-        "try:\n"
-        "    load_config(schema, sys.argv[2], sys.argv[3:])\n"
-        "except ConfigError as exc:\n"
-        "    print(exc)\n"
-        "    sys.exit(2)\n"
-    )
-    proc = subprocess.run(
-        [sys.executable, "-c", code, ref, config, *overrides], capture_output=True, text=True, timeout=600
-    )
-    if proc.returncode == 0:
-        return None
-    lines = proc.stdout.strip().splitlines() or proc.stderr.strip().splitlines() or ["unknown error"]
-    return lines[-1]
-
-
 def make_executor(cfg: LaunchConfig, folder: Path, entry: Entry) -> Any:
     """The submitit executor for ``cfg.cluster`` with the job's resources."""
     import submitit
@@ -415,7 +374,7 @@ def submit(
     tree = stage_tree(config, overrides)
     run_dir = stage_dir(tree)
     if check:
-        error = check_stage_config(entry, str(config), overrides)
+        error = check_stage_config(entry, str(config), overrides, world_size=cfg.nodes * cfg.ntasks_per_node)
         if error:
             raise ConfigError(f"{config}: {error}")
     slurm_dir = run_dir / "slurm"

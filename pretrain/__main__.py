@@ -14,11 +14,15 @@ import sys
 import warnings
 
 from launch.config import ConfigError, load_config
-from launch.logging import setup_logging
+from launch.logging import announce_run_folder, report_config_error, setup_logging
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m pretrain", description="Pretrain a vision-language model.")
+    parser = argparse.ArgumentParser(
+        prog="python -m pretrain",
+        description="Pretrain a vision-language model.",
+        epilog="recipe keys: docs/pretrain.md (engine, train.*, data.*), docs/models.md (model.*), docs/mixgen.md",
+    )
     parser.add_argument("--config", required=True, help="YAML recipe, e.g. configs/pretrain/clip_tiny.yaml")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=50")
@@ -34,35 +38,40 @@ def main(argv: list[str] | None = None) -> int:
         if not cfg.data.shards:
             raise ConfigError("data.shards: required (a path, glob or brace pattern of .tar shards)")
     except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
-        return 2
+        return report_config_error(exc)
+    announce_run_folder(cfg.run.dir)
     log = setup_logging()
     _quiet_libraries()
 
     from launch.checkpoint import seed_everything
+    from launch.dist import detect_env
     from pretrain import models
     from pretrain.data import ShardLoader
-    from pretrain.engine import Trainer, check_zero_stage, init_distributed
+    from pretrain.engine import Trainer, check_resume, check_zero_stage, init_distributed
     from pretrain.export import load_init
+    from pretrain.mixgen import build_mixgen
 
+    try:
+        check_resume(cfg, detect_env().world_size)  # before any process group or model exists
+    except ConfigError as exc:
+        return report_config_error(exc)
     seed_everything(cfg.run.seed)  # same seed on every rank: identical initial weights before DeepSpeed's broadcast
     _, build = models.get(cfg.model.name)
     model = build(cfg.model)
     try:
         check_zero_stage(model, cfg.deepspeed.zero_stage)
     except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
-        return 2
+        return report_config_error(exc)
     env = init_distributed()
     loaded = load_init(model, cfg.model.init)
     if cfg.model.init not in ("", "none") and env.rank == 0:
         log.info("model.init %s: %d missing, %d unexpected keys", cfg.model.init, *map(len, loaded.values()))
     loader = ShardLoader(cfg.data, seed=cfg.run.seed, rank=env.rank, world_size=env.world_size, train=True)
     try:
-        summary = Trainer(cfg, model, loader).fit()
+        augment = build_mixgen(cfg.mixgen, seed=cfg.run.seed, rank=env.rank)
+        summary = Trainer(cfg, model, loader, augment=augment).fit()
     except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
-        return 2
+        return report_config_error(exc)
     if env.rank == 0:
         print(json.dumps(summary, indent=2))
     return 0

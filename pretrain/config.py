@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Literal
 
 from launch.config import ConfigError, RunConfig, resolve_named_options, shards_field
@@ -19,7 +20,7 @@ class DataConfig:
     image_size: int = 224
     shuffle_buffer: int = 1000
     samples_per_epoch: int | None = None  # None: read from manifest.json beside the shards
-    transform: Literal["albef", "clip", "none"] = "albef"
+    transform: Literal["albef", "tcl", "clip", "none"] = "albef"  # tcl: albef + colour jitter, grayscale, blur
     crop_scale: tuple[float, float] = (0.5, 1.0)
     randaugment: bool = False
     mean: tuple[float, float, float] = CLIP_MEAN
@@ -68,6 +69,24 @@ class TrainConfig:
     keep_checkpoints: int = 3  # newest checkpoints kept in run.dir/checkpoints
     export: bool = True  # write final weights as safetensors
 
+    def validate(self) -> None:
+        # values the schema's types allow but that would train nothing, or NaN, minutes later
+        if not math.isfinite(self.lr) or self.lr <= 0:
+            raise ConfigError(f"train.lr: must be a positive number, got {self.lr}")
+        if not math.isfinite(self.min_lr) or self.min_lr < 0:
+            raise ConfigError(f"train.min_lr: must be >= 0, got {self.min_lr}")
+        minimum = {"max_steps": 1, "grad_accum": 1, "log_every": 1, "keep_checkpoints": 1, "max_nonfinite": 1}
+        minimum.update(warmup_steps=0, checkpoint_every=0)
+        for key, low in minimum.items():
+            if getattr(self, key) < low:
+                raise ConfigError(f"train.{key}: must be >= {low}, got {getattr(self, key)}")
+        for key in ("weight_decay", "grad_clip"):
+            value = getattr(self, key)
+            if not math.isfinite(value) or value < 0:
+                raise ConfigError(f"train.{key}: must be >= 0, got {value}")
+        if not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ConfigError(f"train.betas: each must be in [0, 1), got {list(self.betas)}")
+
 
 @dataclasses.dataclass
 class DeepSpeedConfig:
@@ -90,9 +109,16 @@ class PretrainConfig:
     deepspeed: DeepSpeedConfig = dataclasses.field(default_factory=DeepSpeedConfig)
 
     def validate(self) -> None:
-        for section in (self.data, self.mixgen, self.deepspeed):
+        for section in (self.data, self.mixgen, self.train, self.deepspeed):
             section.validate()
         self.model = resolve_model_options(self.model)
+
+    def preflight(self, world_size: int) -> None:
+        """Checks that need the job's size, run by launchers before any worker starts (a resume's saved world
+        size, batch size and model must match)."""
+        from pretrain.engine import check_resume
+
+        check_resume(self, world_size)
 
 
 def resolve_model_options(model: Any) -> Any:

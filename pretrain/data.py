@@ -757,4 +757,5 @@ def _make_transform(cfg: DataConfig, train: bool) -> TrainTransform | EvalTransf
         return eval_transform(cfg.image_size, cfg.mean, cfg.std)
     if cfg.transform == "clip":
         return train_transform(cfg.image_size, (0.9, 1.0), False, cfg.mean, cfg.std, flip=False)
-    return train_transform(cfg.image_size, tuple(cfg.crop_scale), cfg.randaugment, cfg.mean, cfg.std)
+    tcl = cfg.transform == "tcl"  # TCL's views add colour jitter, grayscale and blur to ALBEF's augmentation
+    return train_transform(cfg.image_size, tuple(cfg.crop_scale), cfg.randaugment, cfg.mean, cfg.std, color=tcl)

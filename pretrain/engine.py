@@ -5,15 +5,14 @@ Usage (see docs/pretrain.md)::
     env = init_distributed()                       # before building the loader (it needs rank/world size)
     model = build(cfg.model); load_init(model, cfg.model.init)
     loader = ShardLoader(cfg.data, seed=cfg.run.seed, rank=env.rank, world_size=env.world_size)
-    summary = Trainer(cfg, model, loader, evaluate=fn, eval_every=500).fit()
+    augment = build_mixgen(cfg.mixgen, seed=cfg.run.seed, rank=env.rank)   # None when mixgen.enabled is false
+    summary = Trainer(cfg, model, loader, augment=augment, evaluate=fn, eval_every=500).fit()
 
-``cfg`` needs the sections ``run``, ``train``, ``deepspeed``, ``data`` (for ``batch_size``, ``mean``/``std``)
-and optionally ``mixgen``. ``model(batch)`` returns ``{"loss", "losses": {...}}`` and may return
-``logit_scale``; a model may define ``after_optimizer_step()`` (temperature clamp, momentum update),
-``no_weight_decay()`` (parameter names) and ``has_momentum`` (rejects ZeRO-3), ``configure(cfg)`` (reads/validates
-the whole recipe before DeepSpeed starts), ``images_to_log()`` (a dict of [N,3,H,W] tensors in [0,1] for TensorBoard
-grids, polled after every step) and ``on_train_end(run_dir)`` (every rank, once ``train.max_steps`` is reached; its
-dict joins the summary).
+``cfg`` needs the sections ``run``, ``train``, ``deepspeed``, ``data`` (for ``batch_size``, ``mean``/``std``).
+What the model must and may provide is spelled out in :mod:`pretrain.protocol` (``forward`` returning
+``{"loss", "losses"}``; optional ``commit_step``/``discard_step``, ``after_optimizer_step``, ``no_weight_decay``,
+``has_momentum``, ``configure``, ``images_to_log``, ``on_train_end``). The batch augmentation (MixGen) is a callable
+``augment(batch, step=, micro=)`` passed in, as timm passes ``mixup_fn``.
 
 Why not Accelerate: ``Accelerator.save_state`` writes registered custom objects (our loader position) from the
 main process only, so the other ranks' loader positions would be lost, and ``load_state`` unpickles them with
@@ -45,6 +44,16 @@ from launch import preempt
 from launch.checkpoint import atomic_write_bytes, atomic_write_json, rng_state, seed_everything, set_rng_state
 from launch.config import ConfigError, save_config
 from launch.dist import DistEnv, detect_env, export_env
+from pretrain.protocol import (
+    AfterOptimizerStep,
+    BatchAugment,
+    ConfigAware,
+    ImageLogging,
+    StepState,
+    TrainEnd,
+    WeightDecayExempt,
+    has_momentum,
+)
 
 log = logging.getLogger("vlp.engine")
 
@@ -78,7 +87,7 @@ def init_distributed() -> DistEnv:
 
 def check_zero_stage(model: nn.Module, stage: int) -> None:
     """Refuse ZeRO-3 for models with momentum (EMA) encoders: they read and write full parameters in place."""
-    if stage == 3 and getattr(model, "has_momentum", False):
+    if stage == 3 and has_momentum(model):
         raise ConfigError(
             f"deepspeed.zero_stage=3 is not supported for model '{type(model).__name__}': its momentum (EMA) "
             "encoder reads and writes full parameters, which ZeRO-3 partitions across ranks; use stage 1 or 2"
@@ -92,10 +101,7 @@ def check_zero_stage(model: nn.Module, stage: int) -> None:
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """AdamW groups: weight decay on matrices only; none on biases, norms, 1-D params, the temperature and names
     the model lists in ``no_weight_decay()``."""
-    skip = set()
-    fn = getattr(model, "no_weight_decay", None)
-    if callable(fn):
-        skip = set(fn())
+    skip = set(model.no_weight_decay()) if isinstance(model, WeightDecayExempt) else set()
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -188,6 +194,83 @@ def find_resume(resume: str, run_dir: Path) -> tuple[Path, str] | None:
     raise ConfigError(f"train.resume: no complete checkpoint in {path} (expected step<N>/{COMPLETE})")
 
 
+RESUME_META = "trainer.json"  # written into each tag folder: what a resume must match (read before loading)
+
+
+def _model_signature(model: Any) -> dict[str, Any]:
+    """The model section minus weight sources (``init``, ``pretrained``), which a resumed run takes from the
+    checkpoint anyway."""
+    tree = dataclasses.asdict(model) if dataclasses.is_dataclass(model) else dict(model or {})
+
+    def strip(node: Any) -> Any:
+        if isinstance(node, dict):
+            return {k: strip(v) for k, v in node.items() if k not in ("init", "pretrained")}
+        if isinstance(node, (list, tuple)):
+            return [strip(v) for v in node]
+        return node
+
+    return strip(tree)
+
+
+def resume_meta(cfg: Any, world_size: int) -> dict[str, Any]:
+    """What a checkpoint must agree on with the run that resumes it (exact resume restores per-rank loader
+    positions and RNG states, and DeepSpeed's optimizer partitions, all tied to these values)."""
+    return {
+        "world_size": int(world_size),
+        "data.batch_size": int(cfg.data.batch_size),
+        "train.grad_accum": int(cfg.train.grad_accum),
+        "model": _model_signature(cfg.model),
+    }
+
+
+def _saved_meta(folder: Path, tag: str) -> dict[str, Any] | None:
+    meta = folder / tag / RESUME_META
+    if meta.is_file():
+        return json.loads(meta.read_text())
+    saved = folder.parent / "config.yaml"  # checkpoints written before trainer.json: the run's resolved recipe
+    if folder.name == CHECKPOINTS and saved.is_file():
+        import yaml
+
+        tree = yaml.safe_load(saved.read_text()) or {}
+        data, train = tree.get("data") or {}, tree.get("train") or {}
+        return {
+            "data.batch_size": data.get("batch_size"),
+            "train.grad_accum": train.get("grad_accum"),
+            "model": _model_signature(tree.get("model")),
+        }
+    return None
+
+
+def check_resume(cfg: Any, world_size: int) -> tuple[Path, str] | None:
+    """The checkpoint ``train.resume`` selects, after checking it was written with this run's world size, batch
+    size and model; a mismatch is a ConfigError naming the saved and the new value and the two ways out.
+
+    Called before process groups start and again before DeepSpeed loads anything.
+    """
+    found = find_resume(str(cfg.train.resume), Path(cfg.run.dir))
+    if found is None:
+        return None
+    saved = _saved_meta(*found)
+    if saved is None:
+        return found
+    new = resume_meta(cfg, world_size)
+    where = found[0] / found[1]
+    out = "set train.resume=none to start from scratch, or choose a new run.dir"
+    for key in ("world_size", "data.batch_size", "train.grad_accum"):
+        if saved.get(key) is not None and saved[key] != new[key]:
+            name = "world size (processes)" if key == "world_size" else key
+            raise ConfigError(
+                f"train.resume: {where} was saved with {name}={saved[key]}, this run has {name}={new[key]}; exact "
+                f"resume needs the same value: {out}"
+            )
+    if saved.get("model") and saved["model"] != new["model"]:
+        old, cur = saved["model"], new["model"]
+        diff = sorted(k for k in set(old) | set(cur) if old.get(k) != cur.get(k))
+        shown = ", ".join(f"model.{k}={old.get(k)!r} -> {cur.get(k)!r}" for k in diff[:3])
+        raise ConfigError(f"train.resume: {where} holds another model ({shown}); {out}")
+    return found
+
+
 # --------------------------------------------------------------------------------------------------------------
 # the trainer
 
@@ -234,8 +317,10 @@ class Trainer:
     """DeepSpeed training loop with exact resume, agreed non-finite skipping, preemption and rank-0 logging.
 
     ``loader``: an iterable of batch dicts (``image``, ``text`` list, ...); if it has ``state_dict()`` /
-    ``load_state_dict()`` its position is checkpointed per rank, ``steps_per_epoch`` is passed to the model in
-    ``batch["steps_per_epoch"]``, and ``set_epoch(n)`` is called when a pass ends. ``evaluate(module, step)`` runs
+    ``load_state_dict()`` its position is checkpointed per rank, its ``steps_per_epoch`` (micro-batches per pass)
+    becomes ``batch["updates_per_epoch"]`` (divided by ``train.grad_accum``), and ``set_epoch(n)`` is called when a
+    pass ends. ``augment`` (:class:`~pretrain.protocol.BatchAugment`, e.g. MixGen) rewrites every training
+    micro-batch before the forward. ``evaluate(module, step)`` runs
     on every rank every ``eval_every`` steps and after the last one; its dict is logged as ``eval/<name>``.
     """
 
@@ -245,12 +330,14 @@ class Trainer:
         model: nn.Module,
         loader: Iterable[dict[str, Any]],
         *,
+        augment: BatchAugment | None = None,
         evaluate: Evaluate | None = None,
         eval_every: int | None = None,
         groups: list[dict[str, Any]] | None = None,
     ) -> None:
         self.cfg = cfg
         self.loader = loader
+        self.augment = augment
         self.evaluate = evaluate
         self.eval_every = eval_every
         self.run_dir = Path(cfg.run.dir)
@@ -259,9 +346,8 @@ class Trainer:
         self.rank, self.world = self.env.rank, self.env.world_size
         preempt.install()
         check_zero_stage(model, int(cfg.deepspeed.zero_stage))
-        configure = getattr(model, "configure", None)
-        if callable(configure):
-            configure(cfg)  # a model that needs recipe keys beyond its own section (raises ConfigError)
+        if isinstance(model, ConfigAware):
+            model.configure(cfg)  # a model that needs recipe keys beyond its own section (raises ConfigError)
         seed_everything(int(cfg.run.seed) + self.rank)
         self.engine = self._build_engine(model, groups)
         self.state = _State()
@@ -299,18 +385,13 @@ class Trainer:
         return self.engine.module
 
     def _restore(self) -> None:
-        found = find_resume(str(self.cfg.train.resume), self.run_dir)
+        found = check_resume(self.cfg, self.world)
         if found is None:
             return
         folder, tag = found
         path, client = self.engine.load_checkpoint(str(folder), tag=tag)
         if path is None:
             raise RuntimeError(f"train.resume: DeepSpeed could not load checkpoint {folder / tag}")
-        if client.get("world_size") != self.world:
-            raise RuntimeError(
-                f"train.resume: {folder / tag} was written by {client.get('world_size')} ranks, this job has "
-                f"{self.world}; exact resume needs the same world size (or set train.resume=none)"
-            )
         self.state = _State(**client["trainer"])
         mine = client["ranks"][self.rank]
         if mine.get("loader") is not None and hasattr(self.loader, "load_state_dict"):
@@ -324,6 +405,7 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         """Save a checkpoint on all ranks (collective); keeps the newest ``train.keep_checkpoints``."""
         tag = f"step{self.state.step}"
+        started = time.perf_counter()
         loader_state = self.loader.state_dict() if hasattr(self.loader, "state_dict") else None
         mine = {"loader": loader_state, "rng": rng_state()}
         ranks: list[Any] = [None] * self.world
@@ -332,11 +414,13 @@ class Trainer:
         self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, client_state=client, save_latest=False)
         dist.barrier()
         if self.rank == 0:
+            atomic_write_json(self.ckpt_dir / tag / RESUME_META, resume_meta(self.cfg, self.world))
             atomic_write_bytes(self.ckpt_dir / tag / COMPLETE, b"")
             atomic_write_bytes(self.ckpt_dir / "latest", tag.encode())  # what DeepSpeed's own tooling reads
             keep = max(1, int(getattr(self.cfg.train, "keep_checkpoints", 3)))
             for _, old in _complete_tags(self.ckpt_dir)[:-keep]:
                 shutil.rmtree(self.ckpt_dir / old, ignore_errors=True)
+            log.info("checkpoint saved: %s (%.1f s)", self.ckpt_dir / tag, time.perf_counter() - started)
         dist.barrier()
         return self.ckpt_dir / tag
 
@@ -401,25 +485,32 @@ class Trainer:
         by the next one; ``train.max_nonfinite`` such batches in a row raise :class:`NonFiniteLossError` on
         every rank at the same point.
         """
-        cfg, tc = self.cfg, self.cfg.train
-        mixcfg = getattr(cfg, "mixgen", None)
+        tc = self.cfg.train
+        accum = int(tc.grad_accum)
+        per_epoch = getattr(self.loader, "steps_per_epoch", None)
+        # ALBEF's alpha ramp and similar schedules count optimizer updates: an epoch is per_epoch / accum of them
+        updates_per_epoch = per_epoch / accum if per_epoch else None
+        module = self.module
         results: list[tuple[float, dict[str, float], Any, float]] = []
         first = None
-        while len(results) < int(tc.grad_accum):
+        micro = 0  # micro-batches drawn for this update, skipped ones included: each gets its own augmentation
+        while len(results) < accum:
             td = time.perf_counter()
             raw = self._next_batch()
             self._data_time += time.perf_counter() - td
             self._batch_skipped += int(raw.get("skipped", 0) or 0)
-            raw["step"] = self.state.step
-            raw["steps_per_epoch"] = getattr(self.loader, "steps_per_epoch", None)
-            batch = raw
-            if mixcfg is not None and mixcfg.enabled:
-                from pretrain.mixgen import apply_mixgen
-
-                batch = apply_mixgen(raw, mixcfg, seed=int(cfg.run.seed), step=self.state.step, rank=self.rank)
+            raw["step"], raw["micro"], raw["updates_per_epoch"] = self.state.step, micro, updates_per_epoch
+            micro += 1
+            batch = raw if self.augment is None else self.augment(raw, step=self.state.step, micro=raw["micro"])
             out = self.engine(self._to_device(batch))
             bad, stop, loss, objectives = self._agree(out["loss"], out.get("losses", {}))
             preempted = preempted or stop
+            if isinstance(module, StepState):
+                # model state (queues) changes only for a batch every rank agreed to train on
+                if bad:
+                    module.discard_step()
+                else:
+                    module.commit_step()
             if bad:
                 del out
                 self.state.nonfinite_total += 1
@@ -450,7 +541,7 @@ class Trainer:
         from pretrain.monitor import Monitor
 
         cfg, tc = self.cfg, self.cfg.train
-        mixcfg = getattr(cfg, "mixgen", None)
+        image_log_every = int(self.augment.image_log_every or 0) if self.augment is not None else 0
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
@@ -466,9 +557,8 @@ class Trainer:
                 t0 = time.perf_counter()
                 self._data_time = 0.0
                 results, (raw, mixed), preempted = self._micro_batches(preempted)
-                after = getattr(self.module, "after_optimizer_step", None)
-                if callable(after):
-                    after()  # e.g. CLIP's temperature clamp, ALBEF's momentum update
+                if isinstance(self.module, AfterOptimizerStep):
+                    self.module.after_optimizer_step()  # e.g. CLIP's temperature clamp, ALBEF's momentum update
                 self.state.step += 1
                 self.state.samples += global_b
                 self.state.epoch = int(getattr(self.loader, "epoch", self.state.epoch))
@@ -480,12 +570,10 @@ class Trainer:
                 if step % max(1, int(tc.log_every)) == 0 or step in (1, tc.max_steps):
                     self._log_step(monitor, step, results, window, global_b, last_grad_norm)
                     window = _Window(skipped_base=self._loader_skipped())
-                if mixcfg is not None and mixcfg.enabled and mixcfg.image_log_every:
-                    if step % int(mixcfg.image_log_every) == 0:
-                        self._log_mixgen(monitor, step, raw, mixed)
-                images_fn = getattr(self.module, "images_to_log", None)
-                if callable(images_fn):
-                    images = images_fn()  # the model decides when; [N,3,H,W] tensors in [0, 1] per tag
+                if image_log_every and step % image_log_every == 0:
+                    self._log_mixgen(monitor, step, raw, mixed)
+                if isinstance(self.module, ImageLogging):
+                    images = self.module.images_to_log()  # the model decides when; [N,3,H,W] in [0, 1] per tag
                     if images:
                         monitor.image_grids(step, images)
                 if self.evaluate is not None and self.eval_every and step < tc.max_steps:
@@ -504,9 +592,9 @@ class Trainer:
                     break
             if not preempted and self.state.step > start_step and self.evaluate is not None:
                 self._run_eval(monitor, self.state.step)
-            end_fn = getattr(self.module, "on_train_end", None)
-            if not preempted and self.state.step >= tc.max_steps and callable(end_fn):
-                self.extra_summary = dict(end_fn(self.run_dir) or {})  # e.g. the style network's stage checkpoint
+            if not preempted and self.state.step >= tc.max_steps and isinstance(self.module, TrainEnd):
+                # e.g. the style network's stage checkpoint
+                self.extra_summary = dict(self.module.on_train_end(self.run_dir) or {})
                 dist.barrier()
         finally:
             monitor.close()

@@ -113,3 +113,68 @@ def load_init(model: nn.Module, init: str | os.PathLike | None, *, strict: bool 
         raise ValueError(f"model.init: shape mismatch for {len(bad)} weights, e.g. {bad[:3]}")
     result = model.load_state_dict(state, strict=strict)
     return {"missing": list(result.missing_keys), "unexpected": list(result.unexpected_keys)}
+
+
+def init_source(init: str | os.PathLike) -> tuple[str | None, str]:
+    """(model name the weights at ``init`` were trained as, where that was read) or (None, why it is unknown).
+
+    A run folder (or its checkpoints/tag folders) says it in ``config.yaml``; an export in its metadata.
+    """
+    import yaml
+
+    path = Path(init)
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                raw = (fh.metadata() or {}).get("model")
+            model = json.loads(raw) if raw else None
+        except (OSError, ValueError):
+            model = None
+        name = model.get("name") if isinstance(model, dict) else None
+        return (name, f"{path.name} metadata") if name else (None, "the export has no model metadata")
+    for folder in (path, path.parent, path.parent.parent):
+        saved = folder / "config.yaml"
+        if saved.is_file():
+            try:
+                model = (yaml.safe_load(saved.read_text()) or {}).get("model")
+            except yaml.YAMLError:
+                model = None
+            name = model.get("name") if isinstance(model, dict) else None
+            if name:
+                return name, str(saved)
+    return None, "no config.yaml beside the checkpoint"
+
+
+class InitMismatchError(ValueError):
+    """``model.init`` holds weights of another architecture than the model being initialized."""
+
+
+def check_init_keys(
+    model_name: str,
+    init: str | os.PathLike,
+    state_keys: list[str],
+    model_keys: list[str],
+    optional: tuple[str, ...] = (),
+) -> None:
+    """Raise :class:`InitMismatchError` when ``init``'s keys and the model's differ beyond ``optional`` prefixes
+    (the keys a task adds or drops on purpose), naming a few keys of each side and the checkpoint's own model.
+
+    Loading what happens to match and training on is how a CLIP recipe started from an ALBEF run reached a
+    retrieval score below chance with exit status 0; this is checked before any weight is copied.
+    """
+    have, want = set(state_keys), set(model_keys)
+    missing = sorted(k for k in want - have if not k.startswith(optional))
+    unexpected = sorted(k for k in have - want if not k.startswith(optional))
+    if not missing and not unexpected:
+        return
+    source, where = init_source(init)
+    belongs = f"the checkpoint belongs to model {source!r} ({where})" if source else f"its model is unknown ({where})"
+    few_missing = ", ".join(missing[:3]) or "-"
+    few_unexpected = ", ".join(unexpected[:3]) or "-"
+    raise InitMismatchError(
+        f"model.init: {init} does not match model {model_name!r}: {len(missing)} missing keys (e.g. {few_missing}), "
+        f"{len(unexpected)} unexpected keys (e.g. {few_unexpected}); {belongs}. Start from a run of the same model, "
+        "or set model.init=none"
+    )

@@ -298,3 +298,25 @@ def apply_mixgen(batch: dict[str, Any], cfg: Any, *, seed: int, step: int, rank:
     out["text"] = texts
     out["mixgen_rows"] = info.as_dict()
     return out
+
+
+class BatchMixGen:
+    """MixGen as the engine's batch augmentation (:class:`pretrain.protocol.BatchAugment`), as timm's ``mixup_fn``.
+
+    ``augment(batch, step=s, micro=m)`` is :func:`apply_mixgen` with the generator of ``(seed, step, rank, micro)``:
+    the micro-batches of one update under gradient accumulation get different pairings and λ draws.
+    """
+
+    def __init__(self, cfg: Any, *, seed: int, rank: int) -> None:
+        self.cfg, self.seed, self.rank = cfg, int(seed), int(rank)
+        self.image_log_every = int(getattr(cfg, "image_log_every", 0) or 0)
+
+    def __call__(self, batch: dict[str, Any], *, step: int, micro: int = 0) -> dict[str, Any]:
+        return apply_mixgen(batch, self.cfg, seed=self.seed, step=step, rank=self.rank, micro=micro)
+
+
+def build_mixgen(cfg: Any | None, *, seed: int, rank: int) -> BatchMixGen | None:
+    """The engine's MixGen augmentation from a ``mixgen`` config section; None when absent or disabled."""
+    if cfg is None or not cfg.enabled:
+        return None
+    return BatchMixGen(cfg, seed=seed, rank=rank)

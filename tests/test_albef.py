@@ -11,19 +11,11 @@ import torch
 import torch.nn.functional as F
 from transformers import BertConfig
 
-from pretrain.models.albef import (
-    Albef,
-    AlbefOptions,
-    distill_targets,
-    itc_loss,
-    mask_tokens,
-    mlm_distill_loss,
-    ramp_alpha,
-    sample_negatives,
-)
+from pretrain.models.albef import Albef, AlbefOptions
 from pretrain.models.encoders import TextOptions, VisionOptions, build_text_encoder
 from pretrain.models.fusion import FusionBert
 from pretrain.models.momentum import FeatureQueues, ema_update
+from pretrain.objectives import distill_targets, itc_loss, mask_tokens, mlm_distill_loss, ramp_alpha, sample_negatives
 
 TEXTS = ["a red circle", "two blue squares on the left", "a green triangle", "a yellow star above a cat"]
 
@@ -93,10 +85,10 @@ def test_itc_with_queue_and_distillation_matches_hand_computation():
 
 
 def test_alpha_ramps_over_the_first_epoch():
-    assert ramp_alpha(0.4, {"step": 5, "steps_per_epoch": 10}) == pytest.approx(0.2)
-    assert ramp_alpha(0.4, {"step": 0, "steps_per_epoch": 10}) == 0.0
-    assert ramp_alpha(0.4, {"step": 50, "steps_per_epoch": 10}) == pytest.approx(0.4)
-    assert ramp_alpha(0.4, {}) == pytest.approx(0.4)
+    assert ramp_alpha(0.4, 5, 10) == pytest.approx(0.2)
+    assert ramp_alpha(0.4, 0, 10) == 0.0
+    assert ramp_alpha(0.4, 50, 10) == pytest.approx(0.4)
+    assert ramp_alpha(0.4, None, None) == pytest.approx(0.4)
 
 
 # ------------------------------------------------------------------------------------------------ ITM
@@ -257,7 +249,7 @@ def test_forward_rejects_queue_size_not_divisible_by_batch():
         m(batch(4))
 
 
-def test_ema_update_value_and_training_forward_moves_momentum(model):
+def test_ema_update_value_and_state_changes_only_through_the_engine_hooks(model):
     p, q = torch.tensor([1.0, 2.0]), torch.tensor([3.0, -1.0])
     ema_update([(p, q)], 0.9)
     assert q.tolist() == pytest.approx([0.9 * 3 + 0.1 * 1, 0.9 * -1 + 0.1 * 2])
@@ -269,14 +261,24 @@ def test_ema_update_value_and_training_forward_moves_momentum(model):
         model.vision_proj_m.weight.copy_(before)
     b = batch(4)
     ptr = int(model.queues.queue_ptr)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
     model(b)
-    expected = model.opts.momentum * before + (1 - model.opts.momentum) * online
-    assert torch.allclose(model.vision_proj_m.weight, expected, atol=1e-7)
-    # the momentum features of this batch were enqueued at the old pointer
+    # a training forward alone changes no state: the engine may still skip this batch (non-finite loss)
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
     with torch.no_grad():
         emb = model.visual_encoder_m.forward_features(b["image"])
         feat_m = F.normalize(model.vision_proj_m(emb[:, 0]), dim=-1)
+    model.commit_step()  # the engine's call once the loss is agreed finite: the momentum features are enqueued
     assert torch.allclose(model.queues.image_queue[ptr : ptr + 4], feat_m, atol=1e-6)
+    assert int(model.queues.queue_ptr) == (ptr + 4) % 8
+    model.commit_step()  # nothing pending any more: no second write
+    assert int(model.queues.queue_ptr) == (ptr + 4) % 8
+    model.after_optimizer_step()  # the EMA runs after the update
+    expected = model.opts.momentum * before + (1 - model.opts.momentum) * online
+    assert torch.allclose(model.vision_proj_m.weight, expected, atol=1e-7)
+    model(batch(4, seed=3))
+    model.discard_step()  # a skipped batch: its features never reach the queue
+    model.commit_step()
     assert int(model.queues.queue_ptr) == (ptr + 4) % 8
 
 
@@ -294,6 +296,8 @@ def test_eval_forward_changes_no_state(model):
 def test_state_dict_round_trip_restores_queues_and_momentum_exactly(model):
     model.train()
     model(batch(4, seed=5))
+    model.commit_step()
+    model.after_optimizer_step()
     state = model.state_dict()
     assert {"queues.image_queue", "queues.text_queue", "queues.queue_ptr", "temp"} <= set(state)
     assert any(k.startswith("momentum.text_encoder.") for k in state)
@@ -315,7 +319,7 @@ def test_forward_outputs_and_backward_reaches_every_trainable_parameter(model):
     model.zero_grad(set_to_none=True)
     with torch.no_grad():
         model.temp.fill_(1.0)
-    out = model({**batch(4), "step": 1, "steps_per_epoch": 4})
+    out = model({**batch(4), "step": 1, "updates_per_epoch": 4})
     assert set(out["losses"]) == {"itc", "itm", "mlm"}
     assert out["loss"].item() == pytest.approx(sum(v.item() for v in out["losses"].values()), rel=1e-6)
     assert out["temp"].item() == pytest.approx(0.5) and out["alpha"] == pytest.approx(0.1)

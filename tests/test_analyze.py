@@ -68,14 +68,14 @@ def _fake_run(root, recipe: str, data, seed: int, overrides: dict):
     from pretrain.config import PretrainConfig
     from pretrain.export import export_safetensors
 
-    over = [f"data.shards={data}/train/00000.tar", *[f"{k}={json.dumps(v)}" for k, v in overrides.items()]]
+    over = [f"data.shards={data}/train/{{00000..00000}}.tar", *[f"{k}={json.dumps(v)}" for k, v in overrides.items()]]
     cfg = load_config(PretrainConfig, recipe, over)
     torch.manual_seed(seed)
     model = models.get(cfg.model.name)[1](cfg.model)
     root.mkdir(parents=True)
     tree = yaml.safe_load((REPO / recipe).read_text())
     tree["model"] = {**tree["model"], **{k.split(".", 1)[1]: v for k, v in overrides.items()}}
-    tree["data"]["shards"] = f"{data}/train/00000.tar"
+    tree["data"]["shards"] = f"{data}/train/{{00000..00000}}.tar"  # a brace pattern, as recipes write it
     (root / "config.yaml").write_text(yaml.safe_dump(tree))
     export_safetensors(model.state_dict(), root / "export.safetensors", {"model": cfg.model.name})
     return root

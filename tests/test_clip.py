@@ -10,7 +10,7 @@ import torch
 import torch.multiprocessing as mp
 
 from launch.dist import free_port
-from pretrain.losses import ClipLoss, contrastive_targets, gather_features
+from pretrain.objectives import ClipLoss, contrastive_targets, gather_features
 
 TINY = {
     "name": "clip",

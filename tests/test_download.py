@@ -15,6 +15,8 @@ from PIL import Image
 
 from data_prep.build import BuildConfig, run_build
 from data_prep.download import Downloader, DownloadError, DownloadOptions, find_cached, local_name
+from data_prep.shards import write_shards
+from data_prep.sources.base import Record
 from launch.config import load_config
 
 
@@ -103,8 +105,8 @@ class _Handler(BaseHTTPRequestHandler):
 def server():
     state = _State()
     handler = type("H", (_Handler,), {"state": state})
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    httpd.daemon_threads = True
+    server_cls = type("S", (ThreadingHTTPServer,), {"daemon_threads": True, "request_queue_size": 256})
+    httpd = server_cls(("127.0.0.1", 0), handler)  # a backlog of 5 would drop connections under 16 threads
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
     base = f"http://127.0.0.1:{httpd.server_address[1]}"
@@ -165,6 +167,37 @@ def test_per_host_politeness_and_order(server):
     assert [u for u, _ in results] == urls  # input order kept
     assert all(isinstance(r, bytes) for _, r in results)
     assert state.max_in_flight == 2  # concurrent, but never more than per_host on one host
+
+
+def _delay_build(base: str, out, threads: int, n: int = 32) -> tuple[float, int]:
+    recs = [Record(orig_id=str(i), captions=[f"c {i}"], url=f"{base}/delay/{threads}-{i}") for i in range(n)]
+    t0 = time.monotonic()
+    summary = write_shards(
+        recs, out, image_size=16, resize_mode="keep_ratio", samples_per_shard=n, workers=0, source="t",
+        build_config={}, progress=False, download_opts=_opts(threads=threads, per_host=threads, timeout=10),
+    )  # fmt: skip
+    return time.monotonic() - t0, summary.samples
+
+
+def test_more_threads_are_never_slower(server, tmp_path):
+    """Downloading and processing a shard: in-flight requests rise with the threads, and so does throughput.
+
+    The server sleeps 0.15 s per request, so 32 URLs at 4 in flight need at least 8 x 0.15 = 1.2 s whatever the
+    CPU does; 16 in flight must finish under that bound (they need 2 x 0.15 s plus the tiny images' processing).
+    """
+    base, state = server
+    seen = {}
+    times = {}
+    for threads in (4, 16):
+        state.max_in_flight = 0
+        times[threads], samples = _delay_build(base, tmp_path / f"t{threads}", threads)
+        assert samples == 32
+        seen[threads] = state.max_in_flight
+    assert seen == {4: 4, 16: 16}  # the decoding consumer never starves the downloads
+    assert times[4] >= 32 / 4 * 0.15
+    assert times[16] < 32 / 4 * 0.15, times
+    with tarfile.open(tmp_path / "t16" / "00000.tar") as tar:  # still written in input order
+        assert [n for n in tar.getnames() if n.endswith(".txt")] == [f"0000000{i:02d}.txt" for i in range(32)]
 
 
 def test_cache_lookup_and_keep(server, tmp_path):
@@ -235,15 +268,26 @@ def test_cc3m_build_reports_every_failure(server, tmp_path):
         "unsupported scheme": 1,
         "wrong column count (3, expected 2)": 1,
     }
+    # shard 1 failed whole: no tar; shard 2's tar was renumbered to 00001.tar, its stats say what it was built as
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["empty_shards"] == [{"built_as": 1, "failed": 4}]
+    assert [(s["name"], s["samples"], s.get("built_as")) for s in manifest["shards"]] == [
+        ("00000.tar", 2, None),
+        ("00001.tar", 1, 2),
+    ]
+    assert json.loads((out / "sizes.json").read_text()) == {"00000.tar": 2, "00001.tar": 1}
+    assert sorted(p.name for p in out.glob("*.tar")) == ["00000.tar", "00001.tar"]
     members = {}
-    for i in range(3):
+    for i in range(2):
         members.update(_read_tar(out / f"{i:05d}.tar"))
     metas = {k: json.loads(v) for k, v in members.items() if k.endswith(".json")}
     assert sorted(metas) == ["000000000.json", "000000001.json", "000020000.json"]
     assert metas["000020000.json"]["captions"] == ["from the cache"]
     assert metas["000020000.json"]["orig_id"] == "8" and metas["000020000.json"]["url"] == cached_url
     assert metas["000000001.json"]["orig_width"] == 40
-    fails = [json.loads(line) for i in range(3) for line in (out / f"{i:05d}_failures.jsonl").read_text().splitlines()]
+    fails = [json.loads(line) for p in sorted(out.glob("*_failures.jsonl")) for line in p.read_text().splitlines()]
+    fails += json.loads((out / "00001_empty.json").read_text())["failure_list"]
+    fails.sort(key=lambda f: f["key"])
     assert [(f["key"], f["reason"]) for f in fails] == [
         ("000000002", "http 404"),
         ("000000003", "timeout"),

@@ -152,6 +152,9 @@ def test_sigkilled_run_resumes_exactly(resume_runs):
     tags = sorted(p.name for p in (killed / "checkpoints").iterdir() if p.is_dir())
     assert tags == ["step12", "step8"]
     assert (killed / "checkpoints" / "latest").read_text() == "step12"
+    # what a later resume is checked against, before anything loads
+    meta = json.loads((killed / "checkpoints" / "step12" / "trainer.json").read_text())
+    assert meta["world_size"] == 2 and meta["data.batch_size"] == 4 and meta["model"]["name"] == "clip"
 
 
 @pytest.mark.slow

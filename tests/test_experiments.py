@@ -20,7 +20,7 @@ from launch.config import ConfigError
 SMOKE = "experiments/recipes/smoke.yaml"
 
 
-def _experiments(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+def _experiments(*args: str, timeout: float = 1800) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "experiments", *args],
         cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=timeout,
@@ -150,3 +150,22 @@ def test_untrained_style_network_is_refused(tmp_path):
         check_requirements(spec)
     save_file({"transformer.w": torch.zeros(2)}, str(ckpt), metadata={"vgg_weights": "torchvision"})
     check_requirements(spec)  # trained against the real loss network: accepted
+
+
+def test_practice_guide_states_verdicts_from_intervals(tmp_path):
+    from experiments import practice, report
+
+    spec = load_spec(REPO / SMOKE, [f"out={tmp_path / 'runs'}", f"results={tmp_path / 'res'}"])
+    # on beats off by 10 +- 1 on three seeds: "use"; txt_r1 differs by -1, +1, 0: "no evidence either way"
+    for arm, rsum, r1 in (("mixgen-off", (100, 110, 120), (5, 5, 5)), ("mixgen-on", (110, 121, 129), (4, 6, 5))):
+        for seed, (v, w) in enumerate(zip(rsum, r1)):
+            root = Path(spec.out) / "smoke" / arm / f"seed{seed}" / "zeroshot"
+            root.mkdir(parents=True)
+            (root / "results.json").write_text(json.dumps({"splits": {"test": {"rsum": v, "txt_r1": w}}}))
+    spec.seeds = [0, 1, 2]
+    report.write(spec)
+    text = practice.generate([REPO / SMOKE, REPO / "experiments/recipes/style_policies_stl10.yaml"], tmp_path / "res")
+    assert "mixgen=on vs mixgen=off, zeroshot.rsum: **use**; paired difference +10.00" in text
+    assert "zeroshot.txt_r1: **no evidence either way**" in text
+    assert "style_policies_stl10.yaml" in text.split("What remains unknown")[1]
+    assert practice.verdict({"n": 3, "ci95": [-5.0, -1.0]}) == "avoid"

@@ -127,6 +127,19 @@ def test_build_counts_outside_root_as_failure_reason(layout, tmp_path):
     assert stats["successes"] == 1 and stats["failures"] == {OUTSIDE_ROOT: 1}
 
 
+def test_evaluation_images_show_progress_on_rank_0_only(layout, monkeypatch, capsys):
+    from finetune.data import ImageStore, eval_image_batches
+
+    root, _ = layout
+    refs = ["ok.jpg", "sub/ok2.jpg", "../../secret.jpg"]
+    for rank, shown in (("0", True), ("1", False)):
+        monkeypatch.setenv("RANK", rank)
+        batches = list(eval_image_batches(refs, ImageStore(root), lambda im: __import__("torch").zeros(1), 2))
+        assert sum(len(b["index"]) for b in batches) == 2 and sum(len(b["failed"]) for b in batches) == 1
+        err = capsys.readouterr().err
+        assert ("eval images" in err and "3/3" in err and "img/s" in err) is shown, err
+
+
 def test_finetune_image_store_refuses_outside_root(layout):
     from finetune.data import ImageError, ImageStore
 

@@ -21,10 +21,9 @@ from finetune.tasks.retrieval import (
     Adapter,
     encode_split,
     evaluate_retrieval,
-    idx_contrastive_loss,
-    idx_targets,
     score_matrix,
 )
+from pretrain.objectives import idx_contrastive_loss, idx_targets
 
 # ------------------------------------------------------------------------------------------ hand-built scoring
 # 3 images x 2 captions: image i owns texts 2i, 2i+1. S[i, t] is the similarity of image i and text t.
@@ -177,6 +176,28 @@ def test_idx_targets_and_loss_match_hand_computation():
             pos = [j for j in range(3) if ids[j] == ids[i]]
             total += -sum((logits[j] - lse) / len(pos) for j in pos) / 3
     assert idx_contrastive_loss(img, txt, ids, scale).item() == pytest.approx(total / 2, rel=1e-5)
+
+
+def test_momentum_distilled_targets_match_hand_computation():
+    """ALBEF's retrieval distillation: targets = alpha * softmax(momentum similarities) + (1 - alpha) * id targets."""
+    ids = torch.tensor([3, 3, 8])
+    g = torch.Generator().manual_seed(1)
+    img, txt, img_m, txt_m = (F.normalize(torch.randn(3, 4, generator=g), dim=1) for _ in range(4))
+    scale, alpha = 5.0, 0.4
+    total = 0.0
+    for a, b, am, bm in ((img, txt, img_m, txt_m), (txt, img, txt_m, img_m)):
+        for i in range(3):
+            logits = [scale * float(a[i] @ b[j]) for j in range(3)]
+            lse = math.log(sum(math.exp(x) for x in logits))
+            teacher = [math.exp(scale * float(am[i] @ bm[j])) for j in range(3)]
+            hard = [float(ids[j] == ids[i]) / int((ids == ids[i]).sum()) for j in range(3)]
+            target = [alpha * t / sum(teacher) + (1 - alpha) * h for t, h in zip(teacher, hard)]
+            total += -sum(target[j] * (logits[j] - lse) for j in range(3)) / 3
+    out = idx_contrastive_loss(img, txt, ids, scale, (img_m, txt_m), alpha)
+    assert out.item() == pytest.approx(total / 2, rel=1e-5)
+    assert idx_contrastive_loss(img, txt, ids, scale, (img_m, txt_m), 0.0).item() == pytest.approx(
+        idx_contrastive_loss(img, txt, ids, scale).item()
+    )
 
 
 # ------------------------------------------------------------------------------------------ annotation readers

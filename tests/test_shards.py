@@ -278,3 +278,38 @@ def test_multi_task_build_splits_shards_and_last_task_writes_manifest(tmp_path):
     assert manifest["num_samples"] == json.loads((clean / "manifest.json").read_text())["num_samples"]
     with pytest.raises(ConfigError, match="outside world size"):
         _write(_records(3), tmp_path / "bad", rank=2, world_size=2)
+
+
+def test_tar_bytes_equal_what_tarfile_writes(tmp_path):
+    """The writer's own ustar headers and end-of-archive padding are byte for byte tarfile's."""
+    members = [
+        ("000000000.jpg", b"\xff\xd8" + bytes(range(256)) * 7),
+        ("000000000.json", b"{}"),
+        ("000000000.txt", b""),
+    ]
+    members += [("000000001.jpg", b"x" * 512), ("k" * 96 + ".txt", "é".encode()), ("000000002.txt", b"y" * 10_000)]
+    with ShardWriter(tmp_path, 0) as w:
+        for name, data in members:
+            w._add(name, data)
+        w.finish()
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = (
+                len(data),
+                0,
+                0o444,
+                0,
+                0,
+                "",
+                "",
+            )
+            tar.addfile(info, io.BytesIO(data))
+    assert (tmp_path / "00000.tar").read_bytes() == buf.getvalue()
+    long_name = "d" * 120 + "/x.txt"  # beyond the 100-byte name field: tarfile's prefix split
+    from data_prep.shards import ustar_header
+
+    info = tarfile.TarInfo(long_name)
+    info.size, info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = 3, 0, 0o444, 0, 0, "", ""
+    assert ustar_header(long_name, 3) == info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape")

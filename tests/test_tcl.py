@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from pretrain.models.encoders import TextOptions, VisionOptions
-from pretrain.models.tcl import Tcl, TclOptions, global_local_loss, intra_modal_loss, pool_patches
+from pretrain.models.tcl import Tcl, TclOptions
+from pretrain.objectives import global_local_loss, intra_modal_loss, pool_patches
 
 TEXTS = ["a red circle", "two blue squares on the left", "a green triangle", "a yellow star above a cat"]
 
@@ -93,6 +94,7 @@ def test_forward_losses_weighting_second_view_and_backward(model):
     b = batch(4)
     ptr = int(model.queues.queue_ptr)
     out = model(b)
+    model.commit_step()
     losses = out["losses"]
     assert list(losses) == ["itc", "imc", "lmi", "itm", "mlm"]
     expected = (losses["itc"] + losses["imc"] + losses["lmi"]) / 3 + losses["itm"] + losses["mlm"]

@@ -14,7 +14,9 @@ from pretrain.config import MixGenConfig, resolve_model_options
 from pretrain.mixgen import apply_mixgen
 from pretrain.models import get
 from pretrain.models.encoders import VisionOptions
-from pretrain.models.vilt import IGNORE, ViltOptions, ipot, itm_negatives, mask_tokens, wpa_distance
+from pretrain.models.vilt import ViltOptions
+from pretrain.objectives import IGNORE, ipot, itm_negatives, wpa_distance
+from pretrain.objectives import mask_words as mask_tokens
 
 TEXTS = [
     "a dog runs on the grass",

@@ -43,7 +43,7 @@ from PIL import Image
 
 from launch.config import ConfigError, exists_field, expand_shards, load_config, save_config, shards_field, to_dict
 from launch.dist import detect_env
-from launch.logging import setup_logging
+from launch.logging import announce_run_folder, is_rank0, report_config_error, setup_logging
 
 from ..paths import PathError, check_member_key
 from ..schema import IMAGE_EXTS, captions_of
@@ -547,8 +547,13 @@ class StyleStage:
                         summary[k] += v
                     del states[shard]
 
+        from tqdm import tqdm
+
+        # input images of this rank, with img/s (the total is unknown until the tars are read)
+        bar = tqdm(desc="style", unit="img", disable=not is_rank0(), dynamic_ncols=True)
         try:
             for chunk in loader:
+                bar.update(len(chunk["samples"]))
                 shard = chunk["shard"]
                 if shard not in states:
                     states[shard] = _ShardState(ShardWriter(self.out_dir, shard), time.time())
@@ -568,6 +573,7 @@ class StyleStage:
                 flush(keep=1)  # encode of this chunk overlaps the model on the next one
             flush(keep=0)
         finally:
+            bar.close()
             pool.shutdown(wait=True)
             for st in states.values():  # unfinished (error/kill): drop the temp tar, no done-marker
                 st.writer.__exit__(None, None, None)
@@ -668,7 +674,11 @@ def run(cfg: StageConfig) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m data_prep style", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m data_prep style",
+        description=__doc__.split("\n\n")[0],
+        epilog="recipe keys: docs/style.md",
+    )
     parser.add_argument("--config", help="YAML recipe (configs/style/stage.yaml)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. style.k=2")
     args = parser.parse_args(list(argv) if argv is not None else None)
@@ -677,9 +687,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = load_config(StageConfig, args.config, args.overrides)
     except ConfigError as exc:
-        log.error("config error: %s", exc)
-        return 2
-    summary = run(cfg)
+        return report_config_error(exc)
+    announce_run_folder(cfg.out.dir, "output folder")
+    try:
+        summary = run(cfg)
+    except ConfigError as exc:
+        return report_config_error(exc)
     log.info("style stage done: %s", json.dumps(summary, default=str))
     return 0
 

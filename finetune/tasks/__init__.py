@@ -17,7 +17,9 @@ import dataclasses
 
 from launch.registry import Registry
 
-_TASKS = Registry("task", "finetune.tasks", known=("retrieval", "classification"))
+_TASKS = Registry(
+    "task", "finetune.tasks", known=("retrieval", "classification", "vqa", "entailment", "nlvr2", "grounding")
+)
 register = _TASKS.register  # class decorator: @register("name", Options)
 get = _TASKS.get  # name -> (options dataclass, task class)
 names = _TASKS.names

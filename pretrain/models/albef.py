@@ -2,12 +2,17 @@
 
 A timm ViT and a :class:`~pretrain.models.fusion.FusionBert` text encoder (text-only lower half, cross-attention to
 image tokens in the upper half), 256-d projections, a learnable temperature, momentum (EMA) copies of encoders,
-projections and MLM head, and queues of momentum features. The objective functions are module-level and pure so
-tests (and TCL) reuse them: :func:`distill_targets`, :func:`soft_cross_entropy`, :func:`sample_negatives`,
-:func:`mask_tokens`, :func:`mlm_distill_loss`.
+projections and MLM head, and queues of momentum features. The objectives themselves live in
+:mod:`pretrain.objectives` (:func:`~pretrain.objectives.momentum_itc`, :func:`~pretrain.objectives.hard_negative_itm`,
+:func:`~pretrain.objectives.mask_tokens`, :func:`~pretrain.objectives.mlm_distill_loss`); this file wires the
+model's encoders into them.
 
 ``model(batch)`` reads ``batch["image"]`` and the list ``batch["text"]`` (tokenized here, after MixGen) and, for the
-α ramp, ``batch["step"]``/``batch["steps_per_epoch"]`` (set by the engine; without them α is at its full value).
+α ramp, ``batch["step"]``/``batch["updates_per_epoch"]`` (set by the engine; without them α is at its full value).
+
+Model state changes only through the engine's two hooks (see :mod:`pretrain.protocol`): a training forward leaves
+its momentum features pending, :meth:`Albef.commit_step` enqueues them once the step's loss is agreed finite, and
+:meth:`Albef.after_optimizer_step` runs the EMA. A batch skipped for a non-finite loss therefore changes nothing.
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ from pretrain.models.encoders import (
     build_text_encoder,
     build_tokenizer,
     build_vision_encoder,
+    load_mlm_head,
+    mlm_excluded_ids,
     text_config,
     vision_width,
 )
@@ -41,6 +48,14 @@ from pretrain.models.momentum import (
     momentum_copy,
     momentum_pairs,
 )
+from pretrain.objectives import (
+    IGNORE,
+    hard_negative_itm,
+    mask_tokens,
+    mlm_distill_loss,
+    momentum_itc,
+    ramp_alpha,
+)
 
 TEMP_MIN, TEMP_MAX = 0.001, 0.5
 
@@ -49,7 +64,9 @@ TEMP_MIN, TEMP_MAX = 0.001, 0.5
 class AlbefOptions(ModelOptions):
     name: str = "albef"
     vision: VisionOptions = dataclasses.field(default_factory=VisionOptions)
-    text: TextOptions = dataclasses.field(default_factory=TextOptions)
+    # ALBEF/TCL tokenize pretraining captions at 25 tokens (Pretrain.py); with MixGen's concatenated captions this
+    # decides how much of the second caption survives
+    text: TextOptions = dataclasses.field(default_factory=lambda: TextOptions(max_length=25))
     image_size: int = 256
     fusion_layer: int | None = None  # None: half of the text layers (ALBEF: 6 of 12)
     embed_dim: int = 256
@@ -59,6 +76,9 @@ class AlbefOptions(ModelOptions):
     alpha: float = 0.4  # distillation weight, ramped linearly over the first epoch
     distill: bool = True
     mlm_probability: float = 0.15
+    # tokens MLM never selects: ALBEF excludes [PAD] and [CLS] only; "sep" also excludes the trailing [SEP] that
+    # transformers' tokenizer appends and ALBEF's own tokenizer never writes (so the candidates are ALBEF's)
+    mlm_exclude: list[str] = dataclasses.field(default_factory=lambda: ["pad", "cls", "sep"])
     tie_mlm_head: bool = True  # tie the MLM decoder to the word embeddings (BERT/ALBEF do; see docs/models.md)
     itm_skip_same_text: bool = True  # never draw a hard negative whose caption equals the anchor's (false negative)
 
@@ -66,117 +86,6 @@ class AlbefOptions(ModelOptions):
 class Tokens(NamedTuple):
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
-
-
-# ============================================================================ objectives (pure functions)
-def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """``-mean_b sum_j targets[b, j] * log_softmax(logits)[b, j]`` (float32)."""
-    return -(targets.float() * F.log_softmax(logits.float(), dim=1)).sum(dim=1).mean()
-
-
-def distill_targets(sim_m: torch.Tensor | None, batch: int, alpha: float) -> torch.Tensor:
-    """ITC targets over ``B + Q`` columns: ``alpha * softmax(sim_m) + (1 - alpha) * onehot(diagonal)``.
-
-    ``sim_m`` (the momentum model's similarities) may be ``None`` (no distillation: hard targets).
-    """
-    rows = batch
-    cols = sim_m.shape[1] if sim_m is not None else batch
-    hard = torch.zeros(rows, cols, device=sim_m.device if sim_m is not None else None)
-    hard[:, :batch] = torch.eye(batch, device=hard.device)
-    if sim_m is None or alpha == 0.0:
-        return hard
-    return alpha * F.softmax(sim_m.float(), dim=1) + (1.0 - alpha) * hard
-
-
-def itc_loss(
-    sim_i2t: torch.Tensor, sim_t2i: torch.Tensor, target_i2t: torch.Tensor, target_t2i: torch.Tensor
-) -> torch.Tensor:
-    """ALBEF's image-text contrastive loss: the mean of the two soft cross-entropies."""
-    return (soft_cross_entropy(sim_i2t, target_i2t) + soft_cross_entropy(sim_t2i, target_t2i)) / 2
-
-
-def sample_negatives(
-    sim: torch.Tensor, exclude: torch.Tensor | None = None, generator: torch.Generator | None = None
-) -> torch.Tensor:
-    """For each row ``b`` of ``sim`` ``[B, B]``, draw a column ``j != b`` with probability ``softmax(sim[b])``.
-
-    Robust where ALBEF's ``multinomial`` crashes: non-finite similarities are sanitised, ``exclude[b, j]`` (e.g.
-    identical captions) removes candidates, and a row left with no mass falls back to a uniform draw over the other
-    indices (ignoring ``exclude``; with B = 1 there is none and the row returns itself — callers skip negatives
-    then). Never returns ``b`` when ``B > 1``.
-    """
-    n = sim.shape[0]
-    if sim.shape != (n, n):
-        raise ValueError(f"sample_negatives: need a square [B, B] matrix, got {tuple(sim.shape)}")
-    if n == 1:
-        return torch.zeros(1, dtype=torch.long, device=sim.device)
-    logits = torch.nan_to_num(sim.detach().float(), nan=0.0, posinf=1e4, neginf=-1e4).clamp(-1e4, 1e4)
-    weights = F.softmax(logits, dim=1)
-    eye = torch.eye(n, dtype=torch.bool, device=sim.device)
-    blocked = eye if exclude is None else (eye | exclude.to(sim.device, torch.bool))
-    weights = weights.masked_fill(blocked, 0.0)
-    others = (~eye).float()
-    total = weights.sum(dim=1, keepdim=True)
-    dead = ~(torch.isfinite(total) & (total > 0))
-    weights = torch.where(dead, others, weights)
-    return torch.multinomial(weights, 1, generator=generator).squeeze(1)
-
-
-def mask_tokens(
-    input_ids: torch.Tensor,
-    *,
-    vocab_size: int,
-    mask_token_id: int,
-    special_ids: Sequence[int],
-    probability: float = 0.15,
-    generator: torch.Generator | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """BERT masking: select ``probability`` of the non-special tokens; of those 80% -> [MASK], 10% -> a random id,
-    10% unchanged. Returns ``(masked_ids, labels)`` with ``labels = -100`` where not selected."""
-    device = input_ids.device
-
-    def draw(p: float, shape: torch.Size) -> torch.Tensor:
-        return torch.rand(shape, generator=generator, device="cpu").to(device) < p
-
-    ids = input_ids.clone()
-    labels = input_ids.clone()
-    special = torch.isin(input_ids, torch.tensor(list(special_ids), device=device))
-    selected = draw(probability, ids.shape) & ~special
-    labels[~selected] = -100
-    to_mask = draw(0.8, ids.shape) & selected
-    ids[to_mask] = mask_token_id
-    to_random = draw(0.5, ids.shape) & selected & ~to_mask
-    random_ids = torch.randint(vocab_size, ids.shape, generator=generator, device="cpu").to(device)
-    ids[to_random] = random_ids[to_random]
-    return ids, labels
-
-
-def mlm_distill_loss(
-    logits: torch.Tensor, labels: torch.Tensor, logits_m: torch.Tensor | None, alpha: float
-) -> torch.Tensor:
-    """``(1 - alpha) * CE(logits, labels) + alpha * mean_masked(-sum softmax(logits_m) * log_softmax(logits))``.
-
-    ``logits`` ``[N, V]`` and ``labels`` ``[N]`` (rows may include ignored ``-100`` labels). Zero when nothing is
-    masked (keeps the graph so every rank runs the same backward).
-    """
-    keep = labels != -100
-    if not bool(keep.any()):
-        return logits.sum() * 0.0
-    logits, labels = logits[keep].float(), labels[keep]
-    loss = F.cross_entropy(logits, labels)
-    if logits_m is None or alpha == 0.0:
-        return loss
-    soft = F.softmax(logits_m[keep].float(), dim=-1)
-    distill = -(soft * F.log_softmax(logits, dim=-1)).sum(dim=-1).mean()
-    return (1.0 - alpha) * loss + alpha * distill
-
-
-def ramp_alpha(alpha: float, batch: dict[str, Any]) -> float:
-    """ALBEF's warm-up: ``alpha * min(1, step / steps_per_epoch)``; full alpha when the engine gives no step."""
-    step, per_epoch = batch.get("step"), batch.get("steps_per_epoch")
-    if step is None or not per_epoch:
-        return alpha
-    return alpha * min(1.0, float(step) / float(per_epoch))
 
 
 # ============================================================================ model
@@ -209,10 +118,13 @@ class Albef(nn.Module):
         del self.mlm_head.predictions.bias
         if opts.tie_mlm_head:
             self.mlm_head.predictions.decoder.weight = self.text_encoder.embeddings.word_embeddings.weight
+        self.mlm_head_pretrained = False
+        if opts.text.pretrained:
+            self.mlm_head_pretrained = load_mlm_head(self.mlm_head, opts.text, tied=opts.tie_mlm_head)
         # shape [1], not a 0-dim scalar: DeepSpeed broadcasts parameters as byte views, which 0-dim tensors refuse
         self.temp = nn.Parameter(torch.full((1,), float(opts.temp)))
         self.vocab_size = cfg.vocab_size
-        self.special_ids = sorted({i for i in self.tokenizer.all_special_ids if i is not None})
+        self.special_ids = mlm_excluded_ids(self.tokenizer, opts.mlm_exclude)
 
         # momentum twins (float32, see momentum.py); text encoder and MLM head are copied together so a tie survives
         text_and_head = momentum_copy(nn.ModuleList([self.text_encoder, self.mlm_head]))
@@ -226,6 +138,8 @@ class Albef(nn.Module):
             }
         )
         copy_params(self.momentum_pairs())
+        self._pending: dict[str, torch.Tensor] | None = None  # momentum features awaiting commit_step
+        self._ema_due = False  # a training forward ran since the last EMA
         self.queues = FeatureQueues(self.queue_names, opts.embed_dim, opts.queue_size)
 
     # momentum twins by ALBEF's names
@@ -340,6 +254,12 @@ class Albef(nn.Module):
         """What the momentum image encoder sees (ALBEF: the same view; TCL overrides with the second view)."""
         return batch["image"]
 
+    def alpha(self, batch: dict[str, Any]) -> float:
+        """The distillation weight of this batch (0 without distillation)."""
+        if not self.opts.distill:
+            return 0.0
+        return ramp_alpha(self.opts.alpha, batch.get("step"), batch.get("updates_per_epoch"))
+
     def forward(self, batch: dict[str, Any]) -> dict[str, Any]:
         images = batch["image"]
         texts = batch["text"]
@@ -348,15 +268,13 @@ class Albef(nn.Module):
         bsz = images.shape[0]
         if self.training:
             self.queues.check_batch(bsz)
-        alpha = ramp_alpha(self.opts.alpha, batch) if self.opts.distill else 0.0
+        alpha = self.alpha(batch)
         temp = self.temperature()
         tokens = self.tokenize(texts)
 
         image_embeds, image_feat = self.encode_image(images)
         text_embeds, text_feat = self.encode_text(tokens)
         with torch.no_grad(), autocast_like(self.temp):
-            if self.training:
-                self.momentum_update()
             image_embeds_m = self._vision_tokens(self.visual_encoder_m, self._momentum_images(batch))
             image_feat_m = F.normalize(self.vision_proj_m(image_embeds_m[:, 0]).float(), dim=-1)
             text_hidden_m = self.text_encoder_m(tokens.input_ids, tokens.attention_mask, mode="text")
@@ -383,8 +301,9 @@ class Albef(nn.Module):
         losses = self.contrastive_losses(state)
         losses["itm"] = self.itm_loss(state)
         losses["mlm"] = self.mlm_loss(state)
-        if self.training:
-            self.queues.enqueue(image=image_feat_m, text=text_feat_m)
+        # enqueued by commit_step, once the engine has agreed this loss is finite on every rank
+        self._pending = {"image": image_feat_m, "text": text_feat_m} if self.training else None
+        self._ema_due = self._ema_due or self.training  # fine-tuning heads that bypass forward keep the twins
         loss = self.total_loss(losses)
         return {
             "loss": loss,
@@ -393,6 +312,17 @@ class Albef(nn.Module):
             "alpha": alpha,
         }
 
+    @torch.no_grad()
+    def commit_step(self) -> None:
+        """Enqueue the momentum features of the last training forward (a collective: every rank calls it)."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            self.queues.enqueue(**pending)
+
+    def discard_step(self) -> None:
+        """Drop the pending state of a batch the engine skipped."""
+        self._pending = None
+
     def total_loss(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
         """ALBEF: the unweighted sum ITC + ITM + MLM."""
         return losses["itc"] + losses["itm"] + losses["mlm"]
@@ -400,16 +330,11 @@ class Albef(nn.Module):
     def contrastive_losses(self, s: dict[str, Any]) -> dict[str, torch.Tensor]:
         """ITC with momentum distillation against [momentum batch features; queue]; stores the batch similarities
         (``sim_i2t``/``sim_t2i`` over the first B columns) in ``s`` for the hard-negative draw."""
-        temp, bsz = s["temp"], s["image_feat"].shape[0]
-        sim_i2t = s["image_feat"] @ s["text_feat_all"].T / temp
-        sim_t2i = s["text_feat"] @ s["image_feat_all"].T / temp
-        with torch.no_grad():
-            sim_i2t_m = s["image_feat_m"] @ s["text_feat_all"].T / temp
-            sim_t2i_m = s["text_feat_m"] @ s["image_feat_all"].T / temp
-            target_i2t = distill_targets(sim_i2t_m, bsz, s["alpha"])
-            target_t2i = distill_targets(sim_t2i_m, bsz, s["alpha"])
-        s["sim_i2t"], s["sim_t2i"] = sim_i2t[:, :bsz], sim_t2i[:, :bsz]
-        return {"itc": itc_loss(sim_i2t, sim_t2i, target_i2t, target_t2i)}
+        out = momentum_itc(
+            s["image_feat"], s["text_feat"], s["image_feat_all"], s["text_feat_all"], s["temp"], s["alpha"]
+        )
+        s["sim_i2t"], s["sim_t2i"] = out.sim_i2t, out.sim_t2i
+        return {"itc": out.loss}
 
     def _exclude_same_text(self, texts: list[str], device: torch.device) -> torch.Tensor | None:
         if not self.opts.itm_skip_same_text:
@@ -418,27 +343,27 @@ class Albef(nn.Module):
         codes = torch.tensor([ids[t] for t in texts], device=device)
         return codes[:, None] == codes[None, :]
 
+    def itm_score(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """ITM logits ``[N, 2]`` of (image tokens, text-layer states + mask) pairs: one fusion pass."""
+        return self.itm_logits(self.fuse(image_embeds, (text_embeds, mask)))
+
     def itm_loss(self, s: dict[str, Any]) -> torch.Tensor:
         """ITM over B positives and 2B hard negatives (one negative image per text, one negative text per image)."""
-        image_embeds, text_embeds, mask = s["image_embeds"], s["text_embeds"], s["tokens"].attention_mask
-        bsz = image_embeds.shape[0]
-        if bsz > 1:
-            exclude = self._exclude_same_text(s["texts"], image_embeds.device)
-            neg_image = sample_negatives(s["sim_t2i"], exclude)  # for text b, an image j != b
-            neg_text = sample_negatives(s["sim_i2t"], exclude)  # for image b, a text j != b
-            all_images = torch.cat([image_embeds, image_embeds[neg_image], image_embeds], dim=0)
-            all_text = torch.cat([text_embeds, text_embeds, text_embeds[neg_text]], dim=0)
-            all_mask = torch.cat([mask, mask, mask[neg_text]], dim=0)
-        else:  # a batch of one has no negative: positives only (still a valid, if weak, signal)
-            all_images, all_text, all_mask = image_embeds, text_embeds, mask
-        fused = self.fuse(all_images, (all_text, all_mask))
-        logits = self.itm_logits(fused)
-        labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
-        labels[:bsz] = 1
-        return F.cross_entropy(logits, labels)
+        exclude = self._exclude_same_text(s["texts"], s["image_embeds"].device)
+        out = hard_negative_itm(
+            self.itm_score,
+            s["image_embeds"],
+            s["text_embeds"],
+            s["tokens"].attention_mask,
+            s["sim_i2t"],
+            s["sim_t2i"],
+            exclude,
+        )
+        return out.loss
 
     def mlm_loss(self, s: dict[str, Any]) -> torch.Tensor:
-        """Masked LM in full multimodal mode, distilled from the momentum model's predictions."""
+        """Masked LM in full multimodal mode, distilled from the momentum model's predictions (the teacher sees
+        the same masked text and the momentum image tokens)."""
         tokens = s["tokens"]
         ids, labels = mask_tokens(
             tokens.input_ids,
@@ -447,7 +372,7 @@ class Albef(nn.Module):
             special_ids=self.special_ids,
             probability=self.opts.mlm_probability,
         )
-        keep = labels != -100
+        keep = labels != IGNORE
         hidden = self.text_encoder(ids, tokens.attention_mask, image_embeds=s["image_embeds"], mode="multimodal")
         # the vocabulary projection only at masked positions: same loss, far less memory
         logits = self.mlm_head(hidden[keep])
@@ -462,7 +387,16 @@ class Albef(nn.Module):
 
     @torch.no_grad()
     def after_optimizer_step(self) -> None:
+        """Clamp the temperature and run the EMA of the momentum twins.
+
+        ALBEF runs the EMA at the start of every training forward; running it after each optimizer update is the
+        same sequence (the twins start equal to the online model, so ALBEF's first update is a no-op) and leaves
+        a batch skipped for a non-finite loss without effect.
+        """
         self.temp.clamp_(TEMP_MIN, TEMP_MAX)
+        if self._ema_due:
+            self.momentum_update()
+            self._ema_due = False
 
     def no_weight_decay(self) -> set[str]:
         """Parameter names exempt from weight decay besides 1-D ones (the temperature and timm's own list)."""

@@ -1,7 +1,7 @@
 """CLIP: a timm vision tower and a transformers text tower, linear projections, a learnable temperature.
 
 ``model(batch)`` tokenizes ``batch["text"]`` itself (after MixGen has rewritten the strings) and returns the
-symmetric InfoNCE loss computed against the features of every rank (see :mod:`pretrain.losses`).
+symmetric InfoNCE loss computed against the features of every rank (see :mod:`pretrain.objectives`).
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pretrain.losses import ClipLoss
 from pretrain.models import ModelOptions, register
 from pretrain.models.encoders import (
     TextOptions,
@@ -25,6 +24,7 @@ from pretrain.models.encoders import (
     build_vision_encoder,
     vision_width,
 )
+from pretrain.objectives import ClipLoss
 
 MAX_LOGIT_SCALE = math.log(100.0)
 

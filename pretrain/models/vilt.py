@@ -16,7 +16,8 @@ images in normalized space (MixGen) is exact (see docs/mixgen.md).
 
 Objectives: ITM (half the rows get another row's image, ViLT's rule with in-batch instead of dataset-drawn
 negatives), MLM with whole-word masking (15 %, 80/10/10), and optionally word-patch alignment (WPA: IPOT optimal
-transport between text tokens and patches, ``0.1 * (mean distance of positives - of negatives)``).
+transport between text tokens and patches, ``0.1 * (mean distance of positives - of negatives)``). The objective
+functions live in :mod:`pretrain.objectives`.
 """
 
 from __future__ import annotations
@@ -39,8 +40,7 @@ from pretrain.models.encoders import (
     build_vision_encoder,
     text_config,
 )
-
-IGNORE = -100
+from pretrain.objectives import IGNORE, itm_negatives, mask_words, wpa_distance, wpa_loss
 
 
 def _vilt_vision() -> VisionOptions:
@@ -77,104 +77,6 @@ class ViltOptions(ModelOptions):
             raise ConfigError("model.image_size: must be >= 1")
         if self.itm_weight < 0 or self.mlm_weight < 0 or self.wpa_weight < 0:
             raise ConfigError("model.*_weight: loss weights must be >= 0")
-
-
-# -- sampling helpers (pure; the model calls them with the global RNG, tests with a fixed generator) ------------
-def itm_negatives(batch_size: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """ITM labels and the image row each text is paired with.
-
-    ViLT's rule: ``B // 2`` ones and ``B - B // 2`` zeros, shuffled by a random permutation; a text labelled 0 gets
-    the image of another row ``(i + r) % B`` with ``r`` uniform in ``[1, B)`` (never its own). Draws: the
-    permutation, then ``B`` offsets. With ``B == 1`` no negative exists: the single row stays positive.
-    """
-    if batch_size < 2:
-        return torch.ones(batch_size, dtype=torch.long), torch.arange(batch_size)
-    pos = batch_size // 2
-    labels = torch.cat([torch.ones(pos, dtype=torch.long), torch.zeros(batch_size - pos, dtype=torch.long)])
-    labels = labels[torch.randperm(batch_size, generator=generator)]
-    offsets = torch.randint(1, batch_size, (batch_size,), generator=generator)
-    rows = torch.arange(batch_size)
-    image_index = torch.where(labels == 1, rows, (rows + offsets) % batch_size)
-    return labels, image_index
-
-
-def mask_tokens(
-    input_ids: torch.Tensor,
-    word_ids: torch.Tensor,
-    *,
-    mask_token_id: int,
-    vocab_size: int,
-    probability: float = 0.15,
-    generator: torch.Generator | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """BERT masking by word: returns ``(masked_ids, labels)`` with labels ``-100`` where not masked.
-
-    ``word_ids`` ``[B, L]``: the word each token belongs to, ``-1`` for specials and padding (never masked). Each
-    word is chosen with ``probability`` (so each token is masked with that probability, and all pieces of a word
-    together); a row with candidates but no chosen word gets the word with the smallest draw, so every caption
-    predicts at least one token (as HF's whole-word collator). A chosen token becomes [MASK] with probability
-    0.8, a uniform random id with 0.1, and stays with 0.1. Draws: ``[B, W]`` word uniforms, ``[B, L]`` token
-    uniforms, ``[B, L]`` random ids. Token-level masking = word ids that are the token positions.
-    """
-    bsz, length = input_ids.shape
-    cand = word_ids >= 0
-    wid = word_ids.clamp_min(0).cpu()
-    n_words = int(wid.max().item()) + 1 if wid.numel() else 1
-    u = torch.rand(bsz, n_words, generator=generator)
-    valid_word = torch.zeros(bsz, n_words).scatter_add_(1, wid, cand.cpu().float()) > 0
-    chosen = (u < probability) & valid_word
-    empty = valid_word.any(1) & ~chosen.any(1)
-    fallback = torch.where(valid_word, u, torch.full_like(u, 2.0)).argmin(1)
-    chosen[empty, fallback[empty]] = True
-    masked = (chosen.gather(1, wid) & cand.cpu()).to(input_ids.device)
-    r = torch.rand(bsz, length, generator=generator).to(input_ids.device)
-    random_ids = torch.randint(vocab_size, (bsz, length), generator=generator).to(input_ids.device)
-    out = input_ids.clone()
-    out[masked & (r < 0.8)] = mask_token_id
-    swap = masked & (r >= 0.8) & (r < 0.9)
-    out[swap] = random_ids[swap]
-    labels = torch.where(masked, input_ids, torch.full_like(input_ids, IGNORE))
-    return out, labels
-
-
-@torch.no_grad()
-def ipot(
-    cost: torch.Tensor, row_valid: torch.Tensor, col_valid: torch.Tensor, beta: float = 0.5, iterations: int = 50
-) -> torch.Tensor:
-    """Transport plan ``[B, m, n]`` between uniform marginals on the valid rows and columns (IPOT, Xie et al.).
-
-    Proximal point iterations: ``Q = exp(-C/beta) * T``; one Sinkhorn scaling ``a = mu / (Q b)``,
-    ``b = nu / (Q^T a)``; ``T = diag(a) Q diag(b)``. Invalid rows/columns carry no mass.
-    """
-    cost = cost.float()
-    joint = (row_valid[:, :, None] & col_valid[:, None, :]).float()
-    mu = row_valid.float() / row_valid.float().sum(1, keepdim=True).clamp_min(1.0)
-    nu = col_valid.float() / col_valid.float().sum(1, keepdim=True).clamp_min(1.0)
-    kernel = torch.exp(-cost / beta) * joint
-    plan = joint.clone()
-    b = nu.clone()
-    tiny = torch.finfo(torch.float32).tiny
-    for _ in range(iterations):
-        q = kernel * plan
-        a = torch.where(row_valid, mu / torch.bmm(q, b[:, :, None]).squeeze(2).clamp_min(tiny), 0.0)
-        b = torch.where(col_valid, nu / torch.bmm(q.transpose(1, 2), a[:, :, None]).squeeze(2).clamp_min(tiny), 0.0)
-        plan = a[:, :, None] * q * b[:, None, :]
-    return plan
-
-
-def wpa_distance(
-    text: torch.Tensor, image: torch.Tensor, text_valid: torch.Tensor, beta: float = 0.5, iterations: int = 50
-) -> torch.Tensor:
-    """Per-row optimal-transport distance between text tokens and image patches (cosine cost), ``[B]``.
-
-    The plan is computed without gradient; the distance ``sum(C * T)`` carries the gradient through the cost.
-    """
-    text = F.normalize(text.float(), dim=-1)
-    image = F.normalize(image.float(), dim=-1)
-    cost = 1.0 - text @ image.transpose(1, 2)
-    col_valid = torch.ones(image.shape[:2], dtype=torch.bool, device=image.device)
-    plan = ipot(cost.detach(), text_valid, col_valid, beta=beta, iterations=iterations)
-    return (cost * plan).sum(dim=(1, 2))
 
 
 class Vilt(nn.Module):
@@ -415,13 +317,11 @@ class Vilt(nn.Module):
             dist = wpa_distance(
                 itm["text_feats"], itm["image_feats"][:, 1:], text_valid, opts.wpa_beta, opts.wpa_iterations
             )
-            pos = labels == 1
-            wpa_loss = (dist[pos].sum() - dist[~pos].sum()) / bsz
-            losses["wpa"] = wpa_loss
-            total = total + opts.wpa_weight * wpa_loss
+            losses["wpa"] = wpa_loss(dist, labels)
+            total = total + opts.wpa_weight * losses["wpa"]
 
         # MLM on masked text with the matching images
-        masked_ids, mlm_labels = mask_tokens(
+        masked_ids, mlm_labels = mask_words(
             tokens["input_ids"],
             tokens["word_ids"],
             mask_token_id=self.tokenizer.mask_token_id,

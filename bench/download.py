@@ -1,0 +1,277 @@
+"""URL ingestion end to end: our CC3M build against img2dataset on the same loopback HTTP server, interleaved.
+
+A server process on 127.0.0.1 serves ``--num`` photo-like JPEGs (``--size``² px), 5 URLs answering 404 and one
+answering text. Each round runs, in turn and for each ``--threads`` value: ``python -m data_prep build`` (cc3m
+recipe, ``workers`` processes, ``download.threads`` = ``download.per_host`` = T) and, when installed in its own
+venv, ``img2dataset`` (``processes_count`` processes, ``thread_count`` = T), both to ``--image-size`` keep-ratio
+webdataset shards. Anchor: the bare decode+resize+encode loop on the same bytes in ``workers`` processes at once
+(the CPU limit, no network and no server). Rows report the whole command's wall time (start-up included); best of
+``--rounds`` interleaved rounds per row, and the load average beside each.
+
+    .venv/bin/python bench/download.py [--num 2000] [--threads 4,16] [--rounds 2] [--i2d /work/venv-i2d/bin/img2dataset]
+
+img2dataset is never a dependency of the project: install it in a separate venv
+(``python3 -m venv /work/venv-i2d && /work/venv-i2d/bin/pip install img2dataset``) or leave it out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import multiprocessing as mp
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from PIL import Image  # noqa: E402
+
+from data_prep.images import process_image  # noqa: E402
+
+
+def make_jpegs(count: int, size: int) -> list[bytes]:
+    """Distinct photo-like JPEGs (gradient + noise + shapes), ``size``² px, quality 90."""
+    out = []
+    base = Image.linear_gradient("L").resize((size, size)).convert("RGB")
+    for i in range(count):
+        noise = Image.effect_noise((size, size), 12 + i % 20).convert("RGB")
+        img = Image.blend(base, noise, 0.3)
+        img.paste((40 * i % 255, 90, 160), (i % size // 2, 20, i % size // 2 + size // 4, 20 + size // 4))
+        buf = io.BytesIO()
+        img.save(buf, format="JPEG", quality=90)
+        out.append(buf.getvalue())
+    return out
+
+
+def serve(port_q: mp.Queue, stop: mp.Event, num_distinct: int, size: int, delay: float, backlog: int = 1024) -> None:
+    """The loopback server (its own process): /img/<i>.jpg, /missing/<i> (404), /text (not an image)."""
+    images = make_jpegs(num_distinct, size)
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.0"
+
+        def log_message(self, *args):  # noqa: ANN002 - quiet
+            pass
+
+        def do_GET(self):  # noqa: N802 - http.server API
+            if delay:
+                time.sleep(delay)
+            if self.path.startswith("/img/"):
+                body, ctype = images[int(self.path[5:].split(".")[0]) % len(images)], "image/jpeg"
+            elif self.path == "/text":
+                body, ctype = b"this is not an image\n" * 20, "text/plain"
+            else:
+                self.send_error(404)
+                return
+            self.send_response(200)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            try:
+                self.wfile.write(body)
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+
+    class Server(ThreadingHTTPServer):
+        daemon_threads = True
+        # listen() backlog: the default 5 drops connections beyond it, and each dropped SYN costs the client a 1 s
+        # retransmit, which looks exactly like "more threads are slower"
+        request_queue_size = backlog
+
+    httpd = Server(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    port_q.put(httpd.server_address[1])
+    stop.wait()
+    httpd.shutdown()
+
+
+def _bare_worker(args: tuple[list[bytes], int, int]) -> tuple[int, float]:
+    images, image_size, reps = args
+    c0 = time.process_time()
+    for _ in range(reps):
+        for data in images:
+            process_image(data, image_size, "keep_ratio", 95)
+    return reps * len(images), time.process_time() - c0
+
+
+def bare_limit(images: list[bytes], image_size: int, procs: int, reps: int) -> tuple[float, float]:
+    """(images/s, images per CPU-second) of ``procs`` processes running the bare decode+resize+encode loop at once."""
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(procs) as pool:
+        pool.map(_bare_worker, [(images[:2], image_size, 1)] * procs)  # warm-up: imports and first calls
+        t0 = time.perf_counter()
+        res = pool.map(_bare_worker, [(images, image_size, reps)] * procs)
+        dt = time.perf_counter() - t0
+    n = sum(r[0] for r in res)
+    return n / dt, n / sum(r[1] for r in res)
+
+
+def children_cpu() -> float:
+    """CPU seconds (user + sys) of every waited-for descendant: a build command and its worker processes."""
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def stats_rate(out: str) -> float:
+    """Samples per second by the tool's own per-shard stats: successes / (last shard end - first shard start)."""
+    starts, ends, ok = [], [], 0
+    for name in os.listdir(out):
+        if name.endswith("_stats.json"):
+            with open(os.path.join(out, name)) as fh:
+                st = json.load(fh)
+            starts.append(st["start_time"])
+            ends.append(st["end_time"])
+            ok += st["successes"]
+    return ok / (max(ends) - min(starts))
+
+
+def load() -> str:
+    return f"{os.getloadavg()[0]:.1f}"
+
+
+def run_ours(tsv: str, out: str, image_size: int, workers: int, threads: int) -> tuple[float, float, int, float]:
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [
+        sys.executable, "-m", "data_prep", "build", "source.format=cc3m", f"source.tsv={tsv}", f"out.dir={out}",
+        f"out.image_size={image_size}", "out.samples_per_shard=500", f"workers={workers}", "progress=false",
+        f"download.threads={threads}", f"download.per_host={threads}", "download.retries=0", "download.timeout=10",
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    t0, c0 = time.perf_counter(), children_cpu()
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    dt, cpu = time.perf_counter() - t0, children_cpu() - c0
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stdout[-2000:] + proc.stderr[-2000:])
+    with open(os.path.join(out, "manifest.json")) as fh:
+        return dt, cpu, json.load(fh)["num_samples"], stats_rate(out)
+
+
+def run_i2d(
+    exe: str, tsv: str, out: str, image_size: int, workers: int, threads: int
+) -> tuple[float, float, int, float]:
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [
+        exe, "--url_list", tsv, "--input_format", "tsv", "--url_col", "url", "--caption_col", "caption",
+        "--output_folder", out, "--output_format", "webdataset", "--image_size", str(image_size),
+        "--resize_mode", "keep_ratio", "--processes_count", str(workers), "--thread_count", str(threads),
+        "--number_sample_per_shard", "500", "--encode_quality", "95", "--retries", "0", "--timeout", "10",
+        "--enable_wandb", "False", "--distributor", "multiprocessing", "--compute_hash", "None",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "NO_ALBUMENTATIONS_UPDATE": "1"}
+    env.pop("PYTHONPATH", None)
+    t0, c0 = time.perf_counter(), children_cpu()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=tempfile.gettempdir())
+    dt, cpu = time.perf_counter() - t0, children_cpu() - c0
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stderr[-2000:])
+    ok = 0
+    for name in os.listdir(out):
+        if name.endswith("_stats.json"):
+            with open(os.path.join(out, name)) as fh:
+                ok += json.load(fh)["successes"]
+    return dt, cpu, ok, stats_rate(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--num", type=int, default=2000)
+    ap.add_argument("--size", type=int, default=512)
+    ap.add_argument("--image-size", type=int, default=256)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--threads", default="4,16", help="comma list of in-flight downloads per process")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--delay", type=float, default=0.0, help="seconds the server waits before each answer")
+    ap.add_argument("--backlog", type=int, default=1024, help="the server's listen() backlog (Python's default: 5)")
+    ap.add_argument("--i2d", default="/work/venv-i2d/bin/img2dataset", help="img2dataset executable ('' = skip)")
+    args = ap.parse_args()
+    threads = [int(t) for t in args.threads.split(",") if t.strip()]
+    have_i2d = bool(args.i2d) and os.path.exists(args.i2d)
+    tmp = tempfile.mkdtemp(prefix="bench_download_")
+    ctx = mp.get_context("spawn")
+    port_q, stop = ctx.Queue(), ctx.Event()
+    distinct = 64
+    server = ctx.Process(target=serve, args=(port_q, stop, distinct, args.size, args.delay, args.backlog), daemon=True)
+    server.start()
+    try:
+        port = port_q.get(timeout=60)
+        base = f"http://127.0.0.1:{port}"
+        tsv = os.path.join(tmp, "urls.tsv")
+        with open(tsv, "w") as fh:
+            fh.write("caption\turl\n")
+            for i in range(args.num):
+                fh.write(f"picture number {i}\t{base}/img/{i}.jpg\n")
+            for i in range(5):
+                fh.write(f"gone {i}\t{base}/missing/{i}\n")
+            fh.write(f"not an image\t{base}/text\n")
+        images = make_jpegs(distinct, args.size)
+        kb = sum(len(b) for b in images) / len(images) / 1e3
+        print(
+            f"{args.num} x {args.size}² JPEGs (~{kb:.0f} KB) + 5 x 404 + 1 text from 127.0.0.1 (delay {args.delay}s,"
+            f" backlog {args.backlog})"
+            f" -> {args.image_size} keep_ratio, {args.workers} processes; {os.cpu_count()} CPUs; best of"
+            f" {args.rounds} interleaved rounds; img2dataset: {'yes' if have_i2d else 'not installed'}"
+        )
+        best: dict[tuple[str, int], tuple[float, float, str, float]] = {}
+
+        def keep(key: tuple[str, int], wall: float, cpu: float, ld: str, own: float = 0.0) -> None:
+            old = best.get(key, (0.0, 0.0, "", 0.0))
+            best[key] = (max(old[0], wall), max(old[1], cpu), ld if wall > old[0] else old[2], max(old[3], own))
+
+        reps = max(1, args.num // (distinct * args.workers))  # about as many images as a build
+        for rnd in range(args.rounds):
+            ld = load()
+            keep(("bare", 0), *bare_limit(images, args.image_size, args.workers, reps), ld)
+            for t in threads:
+                ld = load()
+                dt, cpu, n, own = run_ours(tsv, os.path.join(tmp, "ours"), args.image_size, args.workers, t)
+                assert n == args.num, n
+                keep(("ours", t), n / dt, n / cpu, ld, own)
+                if have_i2d:
+                    ld = load()
+                    dt, cpu, n, own = run_i2d(args.i2d, tsv, os.path.join(tmp, "i2d"), args.image_size, args.workers, t)
+                    keep(("i2d", t), n / dt, n / cpu, ld, own)
+            print(f"round {rnd + 1} done", flush=True)
+        bare = best[("bare", 0)]
+        print(
+            f"\n{'pipeline':<36} {'thr':>4} {'img/s':>7} {'vs i2d':>7} {'vs bare':>8} {'img/CPU-s':>9} {'vs i2d':>7}"
+            f" {'vs bare':>8} {'stats/s':>7} {'vs i2d':>7} {'load':>5}"
+        )
+
+        def row(label: str, t: str, r: tuple, ref: tuple | None) -> None:
+            vs_wall = f"{r[0] / ref[0]:.2f}x" if ref else "-"
+            vs_cpu = f"{r[1] / ref[1]:.2f}x" if ref else "-"
+            own = f"{r[3]:.1f}" if r[3] else "-"
+            vs_own = f"{r[3] / ref[3]:.2f}x" if ref and ref[3] and r[3] else "-"
+            print(
+                f"{label:<36} {t:>4} {r[0]:>7.1f} {vs_wall:>7} {r[0] / bare[0]:>8.0%} {r[1]:>9.1f} {vs_cpu:>7}"
+                f" {r[1] / bare[1]:>8.0%} {own:>7} {vs_own:>7} {r[2]:>5}"
+            )
+
+        row(f"bare loop, {args.workers} procs (anchor)", "-", bare, None)
+        for t in threads:
+            i2d = best.get(("i2d", t))
+            row("data_prep build (cc3m)", str(t), best[("ours", t)], i2d)
+            if i2d:
+                row("img2dataset", str(t), i2d, i2d)
+        print(
+            "\nimg/s = samples written / wall time of the whole command (start-up included); img/CPU-s = samples per"
+            "\nCPU-second of the command and all its processes (the server excluded); stats/s = the tool's own"
+            "\nper-shard stats (successes / first shard start to last shard end: no start-up); load = 1-min average."
+        )
+    finally:
+        stop.set()
+        server.join(timeout=10)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,4 +1,4 @@
-"""``python -m data_prep build|inspect|synthetic|convert-refs|style|train-style ...``.
+"""``python -m data_prep build|inspect|synthetic|convert-refs|style|style-set|train-style ...``.
 
 Each subcommand's module is imported only when chosen. ``train-style`` trains the style network with the shared
 pretraining engine; data_prep (layer 1) must not import pretrain (layer 2), so it starts ``python -m pretrain`` as a
@@ -18,6 +18,7 @@ COMMANDS = {
     "synthetic": ("data_prep.synthetic", "build the built-in synthetic image-text set"),
     "convert-refs": ("data_prep.refs", "RefCOCO refs pickle -> JSON (opcode scan, no globals, schema check)"),
     "style": ("data_prep.style.stage", "apply style randomization to shards (sharded over ranks)"),
+    "style-set": ("data_prep.style.procedural", "draw the deterministic procedural style image set"),
     "train-style": (None, "train the style network: runs `python -m pretrain` (default configs/pretrain/style.yaml)"),
 }
 STYLE_RECIPE = "configs/pretrain/style.yaml"  # pretrain's --config resolves it from any working directory

@@ -119,6 +119,28 @@ def stage_zeroshot(ctx: Context) -> None:
 STAGES.append(("zero-shot retrieval", stage_zeroshot))
 
 
+# ---- style randomization stage with the style network trained here (docs/style.md) --------------------------------
+def stage_style(ctx: Context) -> None:
+    """Style randomization of a slice of the synthetic shards with configs/style/stage.yaml's weights (its random-init
+    demo weights unless model.checkpoint names a trained network, e.g. one from configs/pretrain/style_lite0.yaml)."""
+    out = DEMO / "style_shards"
+    _run(
+        [sys.executable, "-m", "data_prep", "style", "--config", "configs/style/stage.yaml",
+         f"data.shards={ctx.data_dir}/train/{{00000..00001}}.tar", f"out.dir={out}", "data.num_workers=1"],
+        ctx.env,
+    )  # fmt: skip
+    manifest = json.loads((ROOT / out / "manifest.json").read_text())
+    total = sum(int(s.get("samples", 0)) for s in manifest.get("shards", []) if isinstance(s, dict))
+    model = manifest.get("build_config", {}).get("model", {})
+    ctx.report += [
+        f"style     {out}: {total} samples (originals + stylized copies) by {model.get('checkpoint', model)}",
+        f"          grid of originals x random styles: {out}/style_grid.png",
+    ]
+
+
+STAGES.append(("style randomization", stage_style))
+
+
 def main() -> int:
     os.chdir(ROOT)
     ctx = Context(env=_env())

@@ -172,7 +172,19 @@ def test_itm_pairs_layout_labels_and_loss(model, monkeypatch):
 def test_itm_with_batch_of_one_uses_positives_only(model):
     model.train()
     out = model(batch(1))
+    model.discard_step()
     assert torch.isfinite(out["loss"]) and torch.isfinite(out["losses"]["itm"])
+    model.eval()  # no dropout: the value can be recomputed
+    b = batch(1)
+    with torch.no_grad():
+        out = model(b)
+        tokens = model.tokenize(b["text"])
+        image_embeds, _ = model.encode_image(b["image"])
+        text_embeds, _ = model.encode_text(tokens)
+        logits = model.itm_logits(model.fuse(image_embeds, (text_embeds, tokens.attention_mask)))
+    # the single positive pair alone, labelled "match"
+    assert out["losses"]["itm"].item() == pytest.approx(-F.log_softmax(logits, 1)[0, 1].item(), rel=1e-5)
+    model.train()
 
 
 # ------------------------------------------------------------------------------------------------ MLM

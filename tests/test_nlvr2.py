@@ -247,7 +247,8 @@ DRIVER = textwrap.dedent(
     for name in models:
         args = ["--config", f"configs/finetune/nlvr2_synthetic_{name}.yaml", "model.init=none", *tiny[name], *tasks,
                 "data.image_size=32", "data.batch_size=8", "data.num_workers=0", "train.log_every=1",
-                "train.checkpoint_every=2", "train.warmup_steps=1", "eval.every=2"]
+                "train.checkpoint_every=2", "train.keep_checkpoints=2", "train.warmup_steps=1",
+                "eval.every=2"]
         for run in sys.argv[5].split(","):
             steps = run.split(":")[1]
             assert finetune([*args, f"run.dir={out}/{name}_{run.split(':')[0]}", f"train.max_steps={steps}"]) == 0
@@ -269,16 +270,21 @@ def _drive(data: Path, out: Path, models: list[str], runs: str) -> None:
 def test_all_four_models_fine_tune_evaluate_and_write_official_predictions(data, tmp_path):
     models = ["albef", "tcl", "vilt", "clip"]
     _drive(data, tmp_path, models, "run:2")
+    rows, _ = read_nlvr2(str(data / "test_scenes.jsonl"), "test")
     for name in models:
         run = tmp_path / f"{name}_run"
         res = json.loads((run / "results.json").read_text())
         test = res["splits"]["test"]
         assert res["task"] == "nlvr2" and res["train"]["steps"] == 2
         assert test["num_pairs"] == 12 * 2 * 4 and test["skipped_pairs"] == 0
-        assert 0.0 <= test["accuracy"] <= 100.0 and 0.0 <= test["consistency"] <= test["accuracy"] + 1e-9
+        assert 0.0 <= test["accuracy"] <= 100.0 and 0.0 <= test["consistency"] <= 100.0
         assert res["splits"]["val_best"]["accuracy"] == res["best"]["value"]
-        lines = (run / "nlvr2_test_predictions.csv").read_text().split()
-        assert len(lines) == 96 and all(x.split(",")[1] in ("True", "False") for x in lines)
+        # the official predictions file reproduces the reported accuracy against the labels
+        lines = [x.split(",") for x in (run / "nlvr2_test_predictions.csv").read_text().split()]
+        truth = {r.identifier: r.label for r in rows}
+        assert len(lines) == 96 and {i for i, _ in lines} == set(truth)
+        hits = sum(int(label == "True") == truth[i] for i, label in lines)
+        assert 100.0 * hits / 96 == pytest.approx(test["accuracy"])
         logged = read_metrics(run)
         assert "distill" in logged[-1] if name in ("albef", "tcl") else "distill" not in logged[-1]
 

@@ -218,6 +218,7 @@ def test_predictor_path_and_cli(tmp_path: Path, shards: str, embeddings: str) ->
     out = tmp_path / "out"
     args = ["--config", "configs/style/stage.yaml", f"data.shards={shards}", f"out.dir={out}"]
     args += [f"model.embeddings={embeddings}", "data.num_workers=0", "runtime.encode_threads=1", "style.k=2"]
+    args += ["model.checkpoint=null", "model.random_init=true"]  # the recipe's default is the trained network
     repo = Path(__file__).resolve().parents[1]
     cwd = os.getcwd()
     os.chdir(repo)

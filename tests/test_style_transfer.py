@@ -187,7 +187,7 @@ def full_run(data, tmp_path_factory) -> Path:
 def test_engine_run_writes_a_checkpoint_the_stage_loads(full_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from data_prep.style.network import StylePredictor, StyleTransformer, load_style_checkpoint
+    from data_prep.style.network import StyleTransformer, load_style_checkpoint, predictor_for
     from data_prep.style.sampling import EmbeddingSampler
 
     summary = json.loads((full_run / "summary.json").read_text())
@@ -196,7 +196,7 @@ def test_engine_run_writes_a_checkpoint_the_stage_loads(full_run):
     assert ck["mean"].shape == (100,) and ck["cov"].shape == (100, 100)
     assert torch.allclose(ck["cov"], ck["cov"].T)
     StyleTransformer().load_state_dict(ck["transformer"])  # strict: every key present, none extra
-    StylePredictor().load_state_dict(ck["predictor"])
+    predictor_for(ck["meta"]).load_state_dict(ck["predictor"])  # the architecture the metadata names
     EmbeddingSampler(ck["mean"], ck["cov"])  # a valid (PSD) Gaussian for the stage
     # the stage's own loader accepts the file and stylizes with it
     from data_prep.style.stage import ModelSection, build_randomizer

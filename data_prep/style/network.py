@@ -264,29 +264,60 @@ def predictor_feature_size(size: int) -> int:
 PREDICTOR_MIN_SIZE = next(s for s in range(1, 512) if predictor_feature_size(s) >= 1)
 
 
-class StylePredictor(nn.Module):
-    """Inception-v3 (timm) up to Mixed_6e, spatial mean, Linear(768, 100): ``forward(style_image [0,1]) -> [B,100]``.
+PREDICTOR_BACKBONES = ("inception_v3", "efficientnet_lite0")
+EFFICIENTNET_MIN_SIZE = 32  # five stride-2 stages: a 1x1 map at 32 px
 
-    Use it in ``eval()`` for inference: its BatchNorms otherwise use batch statistics (the public code's pitfall).
+
+class StylePredictor(nn.Module):
+    """Style image ([0,1] RGB) -> 100-d style embedding: a CNN trunk, spatial mean, one ``nn.Linear``.
+
+    ``backbone="inception_v3"`` (the public network): timm's Inception-v3 up to Mixed_6e, Linear(768, 100), Google's
+    [-1, 1] input. ``backbone="efficientnet_lite0"`` (trained here, where no Inception weights exist): timm's
+    EfficientNet-Lite0 features (conv head included, 1280 channels), Linear(1280, 100), ImageNet normalisation;
+    ``init`` fills its trunk (:func:`data_prep.efficientnet.load_efficientnet_lite0`: the packaged ImageNet weights or
+    a file), as magenta starts its Inception from ImageNet. Use it in ``eval()`` for inference: its BatchNorms
+    otherwise use batch statistics (the public code's pitfall).
     """
 
-    def __init__(self, style_dim: int = STYLE_DIM) -> None:
+    def __init__(self, style_dim: int = STYLE_DIM, backbone: str = "inception_v3", init: str | None = None) -> None:
         super().__init__()
         import timm
 
-        inception = timm.create_model("inception_v3", pretrained=False, num_classes=0)
-        self.backbone = nn.Sequential(OrderedDict((name, getattr(inception, name)) for name in INCEPTION_TRUNK))
-        self.fc = nn.Linear(768, style_dim)
+        if backbone not in PREDICTOR_BACKBONES:
+            raise ValueError(f"StylePredictor backbone: one of {PREDICTOR_BACKBONES}, got {backbone!r}")
+        self.backbone_name = backbone
+        if backbone == "inception_v3":
+            inception = timm.create_model("inception_v3", pretrained=False, num_classes=0)
+            self.backbone = nn.Sequential(OrderedDict((name, getattr(inception, name)) for name in INCEPTION_TRUNK))
+            self.fc = nn.Linear(768, style_dim)
+            self.min_size = PREDICTOR_MIN_SIZE
+        else:
+            from data_prep.efficientnet import efficientnet_lite0
+
+            self.backbone = efficientnet_lite0(init, num_classes=0)
+            self.fc = nn.Linear(int(self.backbone.num_features), style_dim)
+            self.min_size = EFFICIENTNET_MIN_SIZE
+            self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+            self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
     def forward(self, style_image: torch.Tensor) -> torch.Tensor:
         h, w = style_image.shape[-2:]
-        if min(h, w) < PREDICTOR_MIN_SIZE:
+        if min(h, w) < self.min_size:
             raise ValueError(
-                f"StylePredictor needs images of at least {PREDICTOR_MIN_SIZE}x{PREDICTOR_MIN_SIZE} (Inception-v3 to "
-                f"Mixed_6e), got {h}x{w}; upsample the input or run without the predictor (mean embedding)"
+                f"StylePredictor ({self.backbone_name}) needs images of at least {self.min_size}x{self.min_size}, got "
+                f"{h}x{w}; upsample the input or run without the predictor (mean embedding)"
             )
-        feats = self.backbone(inception_preprocess(style_image))
+        if self.backbone_name == "inception_v3":
+            feats = self.backbone(inception_preprocess(style_image))
+        else:
+            x = (style_image - self.mean.to(style_image.dtype)) / self.std.to(style_image.dtype)
+            feats = self.backbone.forward_features(x)
         return self.fc(feats.float().mean(dim=(2, 3)))
+
+
+def predictor_for(meta: dict[str, str]) -> StylePredictor:
+    """An empty predictor of the architecture a checkpoint's metadata names (files without the field: Inception)."""
+    return StylePredictor(backbone=meta.get("predictor", "inception_v3"))
 
 
 # ---------------------------------------------------------------------------------------------------------------

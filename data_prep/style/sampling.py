@@ -180,10 +180,11 @@ class StyleRandomizer(nn.Module):
         if self.predictor is None:
             return self.base_embedding.expand(images.shape[0], -1)
         h, w = images.shape[-2:]
-        if min(h, w) < PREDICTOR_MIN_SIZE:
+        least = getattr(self.predictor, "min_size", PREDICTOR_MIN_SIZE)
+        if min(h, w) < least:
             raise ValueError(
-                f"images of {h}x{w} are smaller than the style predictor's minimum {PREDICTOR_MIN_SIZE}x"
-                f"{PREDICTOR_MIN_SIZE}; run without the predictor (use_predictor=false) for tiny images"
+                f"images of {h}x{w} are smaller than the style predictor's minimum {least}x"
+                f"{least}; run without the predictor (use_predictor=false) for tiny images"
             )
         return self.predictor(images).float()
 

@@ -59,7 +59,7 @@ from ..paths import PathError, check_member_key
 from ..schema import IMAGE_EXTS, captions_of
 from ..shards import ShardWriter, read_stats, write_manifest
 from ..tar_reader import iter_tar_samples
-from .network import StylePredictor, StyleTransformer, load_style_checkpoint
+from .network import StylePredictor, StyleTransformer, load_style_checkpoint, predictor_for
 from .sampling import EmbeddingSampler, StyleRandomizer, parse_ratio, ratio_copies, sample_seed
 from .strad import check_stats, load_embedding_stats, load_public_predictor, load_public_transformer
 
@@ -196,10 +196,11 @@ def build_randomizer(cfg: StageConfig, device: torch.device) -> tuple[StyleRando
         if m.use_predictor:
             if ck["predictor"] is None:
                 raise ConfigError(f"model.checkpoint {m.checkpoint} has no predictor; set model.use_predictor=false")
-            predictor = StylePredictor()
+            predictor = predictor_for(ck["meta"])  # the architecture the checkpoint names (Inception by default)
             predictor.load_state_dict(ck["predictor"])
         stats = check_stats(ck["mean"], ck["cov"], ck["base"], m.checkpoint)
         info = {"kind": "checkpoint", "checkpoint": m.checkpoint, "sha256": _sha256(m.checkpoint)}
+        info.update({k: ck["meta"][k] for k in ("predictor", "loss_network") if k in ck["meta"]})
     else:
         stats = load_embedding_stats(m.embeddings or "", m.allow_unsafe_pickle)
         info = {"embeddings": m.embeddings, "embeddings_sha256": _sha256(m.embeddings or "")}

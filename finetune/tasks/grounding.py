@@ -388,6 +388,10 @@ class GroundingTask:
 
     @torch.no_grad()
     def evaluate(self, backbone: nn.Module, split: str) -> dict[str, Any]:
+        with torch.random.fork_rng(devices=[]):  # evaluation leaves the training RNG as it was (exact resume)
+            return self._evaluate(backbone, split)
+
+    def _evaluate(self, backbone: nn.Module, split: str) -> dict[str, Any]:
         rows = self.rows(split)
         mine = list(range(self.rank, len(rows), self.world))
         kind = model_kind(backbone)

@@ -575,6 +575,10 @@ def metric_table(results: dict[str, dict[str, Any]], cols: Sequence[str]) -> str
 class Nlvr2Task:
     """NLVR2 fine-tuning (or the TA pre-step) and evaluation for the shared engine (see the module docstring)."""
 
+    # model.init may be a TA or NLVR2 run: heads, a paired encoder (extra fusion layers) and no pretraining twins;
+    # :meth:`prepare` reloads such weights after the surgery, shape-checked
+    init_optional_keys = (f"{HEAD}.", f"{TA_HEAD}.", "momentum.", "queues.", "text_encoder.encoder.layer.")
+
     def __init__(self, cfg: Any, rank: int = 0, world: int = 1) -> None:
         self.cfg, self.opts, self.rank, self.world = cfg, cfg.task, rank, world
         self.store = ImageStore(self.opts.image_root or ".")
@@ -670,6 +674,12 @@ class Nlvr2Task:
     # -- evaluation -----------------------------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self, backbone: nn.Module, split: str) -> dict[str, Any]:
+        # the eval DataLoader draws its base seed from the global RNG: fork it, so a run that evaluates mid-way
+        # trains on exactly as a run resumed from the checkpoint written at that step
+        with torch.random.fork_rng(devices=[]):
+            return self._evaluate(backbone, split)
+
+    def _evaluate(self, backbone: nn.Module, split: str) -> dict[str, Any]:
         self.prepare(backbone)
         was = backbone.training
         backbone.eval()

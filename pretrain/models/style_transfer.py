@@ -11,8 +11,12 @@ the same style images. ``z = predictor(style)``, ``stylized = transformer(conten
 
 with the Gram matrix ``G = F F^T / (H W)`` (C x C per image) and magenta's defaults (1, 5e-4 each, 1e4). The
 transformer and the style predictor are trained jointly; the VGG-16 loss network (average pooling, as magenta) is
-frozen. At the end of training (:meth:`StyleTransferModel.on_train_end`, called by the engine) the predictor's
-embedding mean and covariance over the style images are written with both networks to
+frozen. Where VGG-16 weights cannot be had (``model.loss_network: auto`` without local VGG weights), the loss
+network is the ImageNet EfficientNet-Lite0 of the offline package instead: Gram matrices of its first four stage
+outputs for style, the third (stride 8) for content; the predictor is then EfficientNet-Lite0 + Linear(1280, 100)
+(``model.predictor``). The checkpoint's metadata names both. At the end of training
+(:meth:`StyleTransferModel.on_train_end`, called by the engine) the predictor's embedding mean and covariance
+over the style images are written with both networks to
 ``run.dir/style_checkpoint.safetensors`` in the format ``data_prep style`` loads (:func:`save_style_checkpoint`).
 """
 
@@ -31,7 +35,9 @@ import torch.distributed as dist
 from PIL import Image
 from torch import nn
 
+from data_prep import efficientnet as effnet
 from data_prep.style.network import (
+    EFFICIENTNET_MIN_SIZE,
     IMAGENET_MEAN,
     IMAGENET_STD,
     PREDICTOR_MIN_SIZE,
@@ -60,6 +66,14 @@ class StyleTransferOptions(ModelOptions):
     # "torchvision": ImageNet weights from torchvision's (or timm's) cache/hub; a path: a local vgg16 state dict;
     # "random": RANDOM loss network (tests and smoke runs only: the losses then carry no perceptual meaning)
     vgg_weights: str = "torchvision"
+    # auto: VGG-16 when its weights are present locally (vgg_weights a file or 'random', or torchvision's cache holds
+    # them), else EfficientNet-Lite0 (the offline ImageNet package); or name one: vgg16 | efficientnet_lite0
+    loss_network: str = "auto"
+    # auto: EfficientNet-Lite0 (ImageNet init) when the package is installed, else Inception-v3 (random init)
+    predictor: str = "auto"
+    # all: the whole predictor trains (magenta); head: its ImageNet trunk stays frozen (eval mode), only the final
+    # Linear to the 100-d embedding trains (a CPU budget: no backward through the trunk's depthwise convolutions)
+    predictor_train: str = "all"
     content_weight: float = 1.0
     style_weights: tuple[float, float, float, float] = (5e-4, 5e-4, 5e-4, 5e-4)
     tv_weight: float = 1e4
@@ -78,8 +92,21 @@ class StyleTransferOptions(ModelOptions):
             raise ConfigError(f"model.style_dir: not a folder: {self.style_dir}")
         if self.vgg_weights not in ("torchvision", "random") and not Path(self.vgg_weights).is_file():
             raise ConfigError(f"model.vgg_weights: 'torchvision', 'random' or an existing file, got {self.vgg_weights}")
-        if self.style_size < PREDICTOR_MIN_SIZE:
-            raise ConfigError(f"model.style_size: the style predictor needs >= {PREDICTOR_MIN_SIZE} px")
+        if self.loss_network not in ("auto", "vgg16", "efficientnet_lite0"):
+            raise ConfigError(f"model.loss_network: auto, vgg16 or efficientnet_lite0, got {self.loss_network}")
+        if self.predictor_train not in ("all", "head"):
+            raise ConfigError(f"model.predictor_train: all or head, got {self.predictor_train}")
+        if self.predictor not in ("auto", "inception_v3", "efficientnet_lite0"):
+            raise ConfigError(f"model.predictor: auto, inception_v3 or efficientnet_lite0, got {self.predictor}")
+        self.loss_network = resolve_loss_network(self.loss_network, self.vgg_weights)
+        self.predictor = resolve_predictor(self.predictor)
+        if "efficientnet_lite0" in (self.loss_network, self.predictor):
+            effnet.require_package(
+                "model.loss_network" if self.loss_network == "efficientnet_lite0" else "model.predictor"
+            )
+        least = PREDICTOR_MIN_SIZE if self.predictor == "inception_v3" else EFFICIENTNET_MIN_SIZE
+        if self.style_size < least:
+            raise ConfigError(f"model.style_size: the {self.predictor} style predictor needs >= {least} px")
         if self.style_scale < 1.0:
             raise ConfigError("model.style_scale: must be >= 1")
         mix = getattr(recipe, "mixgen", None)
@@ -191,6 +218,65 @@ def _pretrained_vgg_features() -> dict[str, torch.Tensor]:
     )
 
 
+# ------------------------------------------------------------------------------------------------ EfficientNet-Lite0
+
+# outputs of timm efficientnet_lite0's first four stages: 16, 24, 40, 80 channels at strides 2, 4, 8, 16
+LITE0_STYLE_LAYERS = ("block0", "block1", "block2", "block3")
+LITE0_CONTENT_LAYER = "block2"
+
+
+class EfficientNetLoss(nn.Module):
+    """Frozen ImageNet EfficientNet-Lite0 stem + first four stages: ``forward([0,1] images) -> {blockN: features}``.
+
+    The offline stand-in for VGG-16 (whose weights cannot be had here): Gram matrices of the four stage outputs
+    (strides 2 to 16, like VGG's conv1..conv4) carry style, the stride-8 stage the content.
+    """
+
+    def __init__(self, init: str = effnet.EFFICIENTNET_LITE0_IMAGENET) -> None:
+        super().__init__()
+        net = effnet.efficientnet_lite0(init, num_classes=0)
+        self.stem = nn.Sequential(net.conv_stem, net.bn1)
+        self.blocks = nn.ModuleList(net.blocks[: len(LITE0_STYLE_LAYERS)])
+        self.eval()
+        for p in self.parameters():
+            p.requires_grad_(False)
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    def train(self, mode: bool = True) -> EfficientNetLoss:
+        return super().train(False)  # frozen: batch norm keeps its ImageNet statistics
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        x = self.stem((images.float() - self.mean) / self.std)
+        out = {}
+        for i, block in enumerate(self.blocks):
+            x = block(x)
+            out[f"block{i}"] = x
+        return out
+
+
+def vgg_weights_local(vgg_weights: str) -> bool:
+    """Whether VGG-16 weights can be had without a network: a file, 'random' (smoke runs), or torchvision's cache."""
+    if vgg_weights != "torchvision":
+        return True
+    import torch.hub
+
+    cache = Path(torch.hub.get_dir()) / "checkpoints"
+    return any(cache.glob("vgg16-*.pth")) if cache.is_dir() else False
+
+
+def resolve_loss_network(choice: str, vgg_weights: str) -> str:
+    if choice != "auto":
+        return choice
+    return "vgg16" if vgg_weights_local(vgg_weights) else "efficientnet_lite0"
+
+
+def resolve_predictor(choice: str) -> str:
+    if choice != "auto":
+        return choice
+    return "efficientnet_lite0" if effnet.package_available() else "inception_v3"
+
+
 # ------------------------------------------------------------------------------------------------ style images
 
 
@@ -275,14 +361,33 @@ class StyleTransferModel(nn.Module):
         super().__init__()
         self.opts = opts
         self.transformer = StyleTransformer()
-        self.predictor = StylePredictor()
-        self.vgg = VGGLoss(opts.vgg_weights)
+        if opts.predictor == "efficientnet_lite0":
+            # ImageNet init, trained jointly (magenta starts its Inception-v3 from ImageNet too)
+            self.predictor = StylePredictor(backbone="efficientnet_lite0", init=effnet.EFFICIENTNET_LITE0_IMAGENET)
+        else:
+            self.predictor = StylePredictor()
+        if opts.predictor_train == "head":
+            for p in self.predictor.backbone.parameters():
+                p.requires_grad_(False)
+            self.predictor.backbone.eval()
+        if opts.loss_network == "vgg16":
+            self.vgg = VGGLoss(opts.vgg_weights)
+            self.style_layers, self.content_layer = STYLE_LAYERS, CONTENT_LAYER
+        else:
+            self.vgg = EfficientNetLoss()
+            self.style_layers, self.content_layer = LITE0_STYLE_LAYERS, LITE0_CONTENT_LAYER
         self.styles = StyleImages(opts.style_dir, opts.style_size, opts.style_scale, opts.style_flip)
         self.register_buffer("data_mean", torch.zeros(1, 3, 1, 1), persistent=False)
         self.register_buffer("data_std", torch.ones(1, 3, 1, 1), persistent=False)
         self.seed = 0
         self._configured = False
         self._images: dict[str, torch.Tensor] | None = None
+
+    def train(self, mode: bool = True) -> StyleTransferModel:
+        super().train(mode)
+        if self.opts.predictor_train == "head":
+            self.predictor.backbone.eval()  # frozen trunk: batch norm keeps its ImageNet statistics
+        return self
 
     # -- engine hooks -------------------------------------------------------------------------------------------
     def configure(self, cfg: Any) -> None:
@@ -323,7 +428,14 @@ class StyleTransferModel(nn.Module):
             mean,
             cov,
             meta={"source": "pretrain style_transfer", "style_dir": str(self.opts.style_dir),
-                  "vgg_weights": self.opts.vgg_weights, "stats_images": str(count)},
+                  "loss_network": self.opts.loss_network, "predictor": self.opts.predictor,
+                  "predictor_train": self.opts.predictor_train,
+                  "content_layer": self.content_layer, "style_layers": ",".join(self.style_layers),
+                  "content_weight": str(self.opts.content_weight),
+                  "style_weights": ",".join(str(w) for w in self.opts.style_weights),
+                  "tv_weight": str(self.opts.tv_weight), "style_size": str(self.opts.style_size),
+                  "vgg_weights": self.opts.vgg_weights if self.opts.loss_network == "vgg16" else "",
+                  "stats_images": str(count)},
         )  # fmt: skip
         log.info("style checkpoint with embedding statistics over %d style images: %s", count, path)
         return {"style_checkpoint": str(path), "style_stats_images": count}
@@ -356,6 +468,8 @@ class StyleTransferModel(nn.Module):
         if pending:
             flush()
         self.predictor.train(was)
+        if self.opts.predictor_train == "head":
+            self.predictor.backbone.eval()
         return torch.cat(embeds)
 
     def _autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
@@ -375,9 +489,9 @@ class StyleTransferModel(nn.Module):
             with torch.no_grad():
                 c_feats = self.vgg(content)
                 s_feats = self.vgg(style)
-        lc = o.content_weight * content_loss(out_feats[CONTENT_LAYER], c_feats[CONTENT_LAYER])
+        lc = o.content_weight * content_loss(out_feats[self.content_layer], c_feats[self.content_layer])
         ls = stylized.new_zeros((), dtype=torch.float32)
-        for w, name in zip(o.style_weights, STYLE_LAYERS):
+        for w, name in zip(o.style_weights, self.style_layers):
             ls = ls + w * style_loss(gram_matrix(out_feats[name]), gram_matrix(s_feats[name]))
         ltv = o.tv_weight * total_variation(stylized)
         return {"content": lc, "style": ls, "tv": ltv}

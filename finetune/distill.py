@@ -8,7 +8,8 @@ linearly over the first epoch (ALBEF's ``warm_up: True``: VQA, NLVR2) or constan
 
 :class:`Distiller` owns only the heads' twins (a submodule of the task's training module, so checkpoints keep them
 for exact resume); the online heads live on the backbone and are looked up by name at each call, never registered
-twice. The EMA step runs in the forward, before the teacher's forward, like the pretraining models.
+twice. The EMA step runs after each optimizer update (:class:`finetune.task_module.BackboneTask`), like the
+pretraining models: a batch skipped for a non-finite loss leaves the teacher as it was.
 """
 
 from __future__ import annotations

@@ -52,6 +52,7 @@ from finetune.pairs import (
     spaced,
     write_examples,
 )
+from finetune.task_module import BackboneTask
 from finetune.tasks import TaskOptions, register
 from launch.config import ConfigError, exists_field
 
@@ -201,24 +202,19 @@ def read_ve(path: str | Path, split: str, *, max_words: int = 30, seed: int = 0)
 
 
 # ============================================================================ training module
-class EntailmentModel(nn.Module):
+class EntailmentModel(BackboneTask):
     """The backbone (carrying ``ve_head``) and, for ALBEF/TCL, the momentum teacher."""
 
     def __init__(self, backbone: nn.Module, opts: EntailmentOptions) -> None:
-        super().__init__()
-        self.backbone = backbone
-        self.distiller: Distiller | None = None
+        distiller = None
         if opts.distill and has_momentum_encoders(backbone):
-            self.distiller = Distiller(backbone, [HEAD], momentum=backbone.opts.momentum, alpha=opts.alpha,
-                                       warmup=opts.alpha_warmup)  # fmt: skip
+            distiller = Distiller(backbone, [HEAD], momentum=backbone.opts.momentum, alpha=opts.alpha,
+                                  warmup=opts.alpha_warmup)  # fmt: skip
+        super().__init__(backbone, distiller)
 
     def forward(self, batch: dict[str, Any]) -> dict[str, Any]:
         bb = self.backbone
-        alpha = 0.0
-        if self.distiller is not None:
-            alpha = self.distiller.alpha_for(batch)
-            if self.training:
-                self.distiller.update(bb)
+        alpha = self.distill_alpha(batch)
         logits = getattr(bb, HEAD)(pair_features(bb, batch["image"], batch["text"]))
         teacher = None
         if self.distiller is not None and alpha > 0:
@@ -226,15 +222,6 @@ class EntailmentModel(nn.Module):
                 teacher = self.distiller.twin(HEAD)(pair_features(bb, batch["image"], batch["text"], momentum=True))
         loss = distilled_ce(logits, batch["label"], teacher, alpha)
         return {"loss": loss, "losses": {"ve": loss.detach()}, "alpha": alpha}
-
-    def after_optimizer_step(self) -> None:
-        fn = getattr(self.backbone, "after_optimizer_step", None)
-        if callable(fn):
-            fn()
-
-    def no_weight_decay(self) -> set[str]:
-        fn = getattr(self.backbone, "no_weight_decay", None)
-        return {f"backbone.{n}" for n in fn()} if callable(fn) else set()
 
 
 def attach_head(backbone: nn.Module) -> None:

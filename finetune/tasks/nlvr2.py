@@ -61,6 +61,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from data_prep.transforms import eval_transform, pre_caption, train_transform
 from finetune.data import CaptionLoader, Entry, ImageError, ImageStore, read_annotations
+from finetune.task_module import BackboneTask
 from finetune.tasks import TaskOptions, register
 from finetune.tasks.retrieval import model_kind
 from launch.config import ConfigError, exists_field
@@ -388,14 +389,13 @@ def soft_ce(logits: torch.Tensor, target_logits: torch.Tensor) -> torch.Tensor:
     return -(F.softmax(target_logits.float(), dim=1) * F.log_softmax(logits.float(), dim=1)).sum(1).mean()
 
 
-class Nlvr2Model(nn.Module):
+class Nlvr2Model(BackboneTask):
     """Training module: the prepared backbone (with ``nlvr_head``), CE, and for ALBEF/TCL a momentum teacher."""
 
     def __init__(self, backbone: nn.Module, pair_mode: str, *, distill: bool, alpha: float, momentum: float) -> None:
-        super().__init__()
+        super().__init__(backbone)
         from pretrain.models.momentum import MomentumModules, copy_params, momentum_copy
 
-        self.backbone = backbone
         self.kind = model_kind(backbone)
         self.pair_mode, self.alpha, self.m = pair_mode, alpha, momentum
         self.distill = distill and self.kind == "fusion"
@@ -415,7 +415,7 @@ class Nlvr2Model(nn.Module):
         return momentum_pairs([getattr(self.backbone, n) for n in names], [self.teacher[n] for n in names])
 
     def forward(self, batch: dict[str, Any]) -> dict[str, Any]:
-        from pretrain.models.momentum import autocast_like, ema_update
+        from pretrain.models.momentum import autocast_like
         from pretrain.objectives import ramp_alpha
 
         images, texts, labels = batch["image"], batch["text"], batch["label"]
@@ -426,9 +426,8 @@ class Nlvr2Model(nn.Module):
         loss = ce
         if self.distill:
             alpha = ramp_alpha(self.alpha, batch.get("step"), batch.get("updates_per_epoch"))
+            self.mark_ema_due()
             with torch.no_grad(), autocast_like(next(self.backbone.parameters())):
-                if self.training:
-                    ema_update(self._pairs(), self.m)
                 t = self.teacher
                 target = fusion_pair_logits(t["visual_encoder"], t["text_encoder"], t[HEAD],
                                             self.backbone.tokenize(texts), images, self.pair_mode)  # fmt: skip
@@ -438,14 +437,12 @@ class Nlvr2Model(nn.Module):
         acc = (logits.argmax(1) == labels).float().mean().detach()
         return {"loss": loss, "losses": losses, "stats": {"train_acc": acc}}
 
-    def after_optimizer_step(self) -> None:
-        fn = getattr(self.backbone, "after_optimizer_step", None)
-        if callable(fn):
-            fn()
+    @torch.no_grad()
+    def momentum_step(self) -> None:
+        from pretrain.models.momentum import ema_update
 
-    def no_weight_decay(self) -> set[str]:
-        fn = getattr(self.backbone, "no_weight_decay", None)
-        return {f"backbone.{n}" for n in fn()} if callable(fn) else set()
+        if self.distill:
+            ema_update(self._pairs(), self.m)
 
 
 # ============================================================================ text assignment (TA) pre-step
@@ -474,12 +471,12 @@ def ta_assignments(sim: torch.Tensor, generator: torch.Generator | None = None
     return left, right, label
 
 
-class TextAssignmentModel(nn.Module):
+class TextAssignmentModel(BackboneTask):
     """The TA pre-step (ALBEF/TCL, paired encoder): ``ta_head`` over the fused [CLS] of a caption and two images."""
 
     def __init__(self, backbone: nn.Module, pair_mode: str) -> None:
-        super().__init__()
-        self.backbone, self.pair_mode = backbone, pair_mode
+        super().__init__(backbone)
+        self.pair_mode = pair_mode
 
     def forward(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> dict[str, Any]:
         bb = self.backbone
@@ -497,12 +494,6 @@ class TextAssignmentModel(nn.Module):
         acc = (logits.argmax(1) == labels).float().mean().detach()
         return {"loss": loss, "losses": {"ta": loss.detach()}, "stats": {"train_acc": acc}, "logits": logits,
                 "labels": labels}  # fmt: skip
-
-    def after_optimizer_step(self) -> None:
-        self.backbone.after_optimizer_step()
-
-    def no_weight_decay(self) -> set[str]:
-        return {f"backbone.{n}" for n in self.backbone.no_weight_decay()}
 
 
 # ============================================================================ evaluation

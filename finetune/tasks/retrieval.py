@@ -56,6 +56,7 @@ from finetune.data import (
 from finetune.distill import Distiller, has_momentum_encoders
 from finetune.metrics import chance_recalls, retrieval_recalls
 from finetune.report import GridRow, Tile, image_grid, text_table
+from finetune.task_module import BackboneTask
 from finetune.tasks import TaskOptions, register
 from launch.config import ConfigError, exists_field
 from pretrain.models.momentum import autocast_like
@@ -121,17 +122,15 @@ def model_kind(model: nn.Module) -> str:
     return "fusion" if hasattr(model, "itm_logits") else "single"
 
 
-class RetrievalModel(nn.Module):
+class RetrievalModel(BackboneTask):
     """The training module: the pretrained ``backbone`` and the retrieval losses (no new parameters)."""
 
     def __init__(self, backbone: nn.Module, itc_weight: float = 1.0, itm_weight: float = 1.0,
                  distiller: Distiller | None = None) -> None:  # fmt: skip
-        super().__init__()
-        self.backbone = backbone
+        super().__init__(backbone, distiller)  # ALBEF/TCL: the pretrained momentum encoders as ITC teacher
         self.kind = model_kind(backbone)
         self.itc_weight, self.itm_weight = itc_weight, itm_weight
         self.has_momentum = bool(getattr(backbone, "has_momentum", False))
-        self.distiller = distiller  # ALBEF/TCL: the pretrained momentum encoders as ITC teacher (no new head)
 
     def forward(self, batch: dict[str, Any]) -> dict[str, Any]:
         bb, images, texts = self.backbone, batch["image"], batch["text"]
@@ -149,13 +148,9 @@ class RetrievalModel(nn.Module):
         image_embeds, image_feat = bb.encode_image(batch["image"])
         text_embeds, text_feat = bb.encode_text(tokens)
         temp = bb.temperature()
-        momentum, alpha = None, 0.0
-        if self.distiller is not None:
-            alpha = self.distiller.alpha_for(batch)
-            if self.training:
-                self.distiller.update(bb)
-            if alpha > 0:
-                momentum = momentum_features(bb, batch["image"], tokens)
+        momentum, alpha = None, self.distill_alpha(batch)
+        if alpha > 0:
+            momentum = momentum_features(bb, batch["image"], tokens)
         itc = idx_contrastive_loss(image_feat, text_feat, ids, 1.0 / temp, momentum, alpha)
         same = ids.view(-1, 1) == ids.view(1, -1)  # never a caption of the same image as a negative
         with torch.no_grad():
@@ -179,15 +174,6 @@ class RetrievalModel(nn.Module):
         labels[:bsz] = 1
         itm = F.cross_entropy(logits, labels)
         return {"loss": self.itm_weight * itm, "losses": {"itm": itm.detach()}}
-
-    def after_optimizer_step(self) -> None:
-        fn = getattr(self.backbone, "after_optimizer_step", None)
-        if callable(fn):
-            fn()
-
-    def no_weight_decay(self) -> set[str]:
-        fn = getattr(self.backbone, "no_weight_decay", None)
-        return {f"backbone.{n}" for n in fn()} if callable(fn) else set()
 
 
 # ============================================================================ evaluation: model adapters

@@ -77,6 +77,7 @@ from finetune.pairs import (
     spaced,
     write_examples,
 )
+from finetune.task_module import BackboneTask
 from finetune.tasks import TaskOptions, register
 from finetune.vqa_metric import answer_counts, most_common_answer, normalize_answer, soft_score, vqa_accuracy
 from launch.config import ConfigError, exists_field
@@ -363,26 +364,20 @@ def attach_head(backbone: nn.Module, head: str, num_answers: int) -> list[str]:
     return []
 
 
-class VqaModel(nn.Module):
+class VqaModel(BackboneTask):
     """The training module: the backbone (carrying the head as ``vqa_head``) and, for ALBEF/TCL, the teacher."""
 
     def __init__(self, backbone: nn.Module, head: str, opts: VqaOptions) -> None:
-        super().__init__()
-        self.backbone = backbone
+        distiller = None
+        if opts.distill and has_momentum_encoders(backbone):
+            distiller = Distiller(backbone, [HEAD], momentum=backbone.opts.momentum, alpha=opts.alpha,
+                                  warmup=opts.alpha_warmup)  # fmt: skip
+        super().__init__(backbone, distiller)
         self.head = head
         self.opts = opts
-        self.distiller: Distiller | None = None
-        if opts.distill and has_momentum_encoders(backbone):
-            self.distiller = Distiller(backbone, [HEAD], momentum=backbone.opts.momentum, alpha=opts.alpha,
-                                       warmup=opts.alpha_warmup)  # fmt: skip
 
     def forward(self, batch: dict[str, Any]) -> dict[str, Any]:
-        bb = self.backbone
-        alpha = 0.0
-        if self.distiller is not None:
-            alpha = self.distiller.alpha_for(batch)
-            if self.training:
-                self.distiller.update(bb)
+        alpha = self.distill_alpha(batch)
         if self.head == "decoder":
             loss = self._decoder_loss(batch, alpha)
         else:
@@ -415,15 +410,6 @@ class VqaModel(nn.Module):
                 logits_m = self.distiller.twin(HEAD)(ids, amask, states_m[q], mask[q])
             per_answer = (1.0 - alpha) * per_answer + alpha * token_soft_ce(logits, logits_m, amask)
         return weighted_answer_loss(per_answer, weights, len(batch["answers"]))
-
-    def after_optimizer_step(self) -> None:
-        fn = getattr(self.backbone, "after_optimizer_step", None)
-        if callable(fn):
-            fn()
-
-    def no_weight_decay(self) -> set[str]:
-        fn = getattr(self.backbone, "no_weight_decay", None)
-        return {f"backbone.{n}" for n in fn()} if callable(fn) else set()
 
 
 # ============================================================================ the task

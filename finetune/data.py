@@ -180,6 +180,17 @@ def _list_entries(path: str, rows: list[Any], max_words: int, problems: list[str
     return list(by_key.values())
 
 
+def usable_rows(path: Any, rows: list[Any], problems: list[str], what: str,
+                logger: logging.Logger = log) -> tuple[list[Any], list[str]]:  # fmt: skip
+    """The end of every annotation reader: log each skipped row's problem on ``logger``; no usable row (``what``,
+    e.g. "question") is a :class:`ValueError` naming ``path`` and the first problem. Returns ``(rows, problems)``."""
+    for msg in problems:
+        logger.warning("%s", msg)
+    if not rows:
+        raise ValueError(f"{path}: no usable {what} ({len(problems)} problem(s); first: {problems[:1]})")
+    return rows, problems
+
+
 def read_annotations(path: str | os.PathLike, split: str, max_words: int = 30) -> tuple[list[Entry], list[str]]:
     """(entries, problems) of ``split`` in an annotation file of any supported format (see module docstring)."""
     data = _load_json(path)
@@ -190,11 +201,7 @@ def read_annotations(path: str | os.PathLike, split: str, max_words: int = 30) -
         entries = _list_entries(str(path), data, max_words, problems)
     else:
         raise ValueError(f"{path}: expected a list of rows or a Karpathy {{'images': [...]}} object")
-    for p in problems:
-        log.warning("%s", p)
-    if not entries:
-        raise ValueError(f"{path}: no usable {split} item ({len(problems)} problem(s); first: {problems[:1]})")
-    return entries, problems
+    return usable_rows(path, entries, problems, f"{split} item")
 
 
 def load_split(path: str | os.PathLike, split: str, max_words: int = 30) -> RetrievalSplit:

@@ -136,6 +136,15 @@ class ItemLoader(CaptionLoader):
 
 
 # ============================================================================ distributed prediction
+def gather_objects(obj: Any, world: int) -> list[Any]:
+    """``obj`` of every rank, in rank order (``[obj]`` when not distributed): a collective, every rank calls it."""
+    if world > 1 and dist.is_available() and dist.is_initialized():
+        out: list[Any] = [None] * world
+        dist.all_gather_object(out, obj)
+        return out
+    return [obj]
+
+
 def predict_items(
     refs: Sequence[str],
     texts: Sequence[str],
@@ -165,10 +174,7 @@ def predict_items(
         items = [mine[j] for j in batch["index"]]
         out = predict(batch["image"], [texts[i] for i in items])
         preds.update(zip(items, out))
-    gathered: list[Any] = [(preds, problems)]
-    if world > 1 and dist.is_available() and dist.is_initialized():
-        gathered = [None] * world
-        dist.all_gather_object(gathered, (preds, problems))
+    gathered = gather_objects((preds, problems), world)
     merged: dict[int, Any] = {}
     all_problems: list[str] = []
     for p, probs in gathered:

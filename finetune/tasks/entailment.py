@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from data_prep.transforms import eval_transform, pre_caption, train_transform
-from finetune.data import ImageStore
+from finetune.data import ImageStore, usable_rows
 from finetune.distill import Distiller, distilled_ce, has_momentum_encoders
 from finetune.pairs import (
     ItemLoader,
@@ -194,11 +194,7 @@ def read_ve(path: str | Path, split: str, *, max_words: int = 30, seed: int = 0)
         if not isinstance(data, list):
             raise ValueError(f"{p}: expected a list of {{image, sentence, label}} rows (ALBEF's ve_*.json)")
         items = _read_albef(p, data, max_words, problems)
-    for msg in problems:
-        log.warning("%s", msg)
-    if not items:
-        raise ValueError(f"{p}: no usable example ({len(problems)} problem(s); first: {problems[:1]})")
-    return items, problems
+    return usable_rows(p, items, problems, "example", log)
 
 
 # ============================================================================ training module

@@ -44,13 +44,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import torch.distributed as dist
 from PIL import Image, ImageDraw, ImageFilter
 from torch import nn
 
 from data_prep.transforms import eval_transform, pre_caption
 from finetune.boxes import best_box, box_scores, gradcam_map, iou, normalized_to_pixels, upsample_map
 from finetune.data import CaptionLoader, Entry, ImageError, ImageStore
+from finetune.pairs import gather_objects
 from finetune.tasks import TaskOptions, register
 from finetune.tasks.retrieval import RetrievalModel, model_kind
 from launch.config import ConfigError, exists_field
@@ -292,14 +292,6 @@ def clip_proposal_scores(backbone: nn.Module, image: Image.Image, boxes: Sequenc
 
 
 # ============================================================================ the task
-def _gather(obj: Any, world: int) -> list[Any]:
-    if world > 1 and dist.is_available() and dist.is_initialized():
-        out: list[Any] = [None] * world
-        dist.all_gather_object(out, obj)
-        return out
-    return [obj]
-
-
 @register("grounding", GroundingOptions)
 class GroundingTask:
     """Weakly-supervised grounding: retrieval-style training, Grad-CAM / crop scoring evaluation (module docstring)."""
@@ -436,7 +428,7 @@ class GroundingTask:
                                          "pred": proposals[pick], "hit": bool(hit), "map": small.tolist()})  # fmt: skip
         finally:
             backbone.train(was)
-        parts = _gather((results, examples, failed), self.world)
+        parts = gather_objects((results, examples, failed), self.world)
         results = sorted(r for p in parts for r in p[0])
         self.examples[split] = sorted((e for p in parts for e in p[1]), key=lambda e: e["index"])
         failed = sum(p[2] for p in parts)

@@ -54,13 +54,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from data_prep.transforms import eval_transform, pre_caption, train_transform
-from finetune.data import CaptionLoader, Entry, ImageError, ImageStore, read_annotations
+from finetune.data import CaptionLoader, Entry, ImageError, ImageStore, read_annotations, usable_rows
+from finetune.pairs import gather_objects
 from finetune.task_module import BackboneTask
 from finetune.tasks import TaskOptions, register
 from finetune.tasks.retrieval import model_kind
@@ -252,11 +252,7 @@ def read_nlvr2(path: str, split: str, max_words: int = 30, **synthetic: Any) -> 
             rows = _official_rows(str(p), text, max_words, problems)
         else:
             raise ValueError(f"{p}: expected JSON lines or a JSON list of rows")
-    for msg in problems:
-        log.warning("%s", msg)
-    if not rows:
-        raise ValueError(f"{p}: no usable NLVR2 row ({len(problems)} problem(s); first: {problems[:1]})")
-    return rows, problems
+    return usable_rows(p, rows, problems, "NLVR2 row", log)
 
 
 class PairStore:
@@ -544,14 +540,6 @@ def nlvr2_metrics(rows: Sequence[PairRow], predictions: dict[int, int]) -> dict[
     }
 
 
-def _gather(obj: Any, world: int) -> list[Any]:
-    if world > 1 and dist.is_available() and dist.is_initialized():
-        out: list[Any] = [None] * world
-        dist.all_gather_object(out, obj)
-        return out
-    return [obj]
-
-
 def metric_table(results: dict[str, dict[str, Any]], cols: Sequence[str]) -> str:
     """A fixed-width table of ``cols`` per split (missing values as ``-``)."""
     lines = ["split".ljust(12) + "".join(c.rjust(16) for c in cols)]
@@ -693,7 +681,7 @@ class Nlvr2Task:
                 preds.update(zip(batch["index"], logits.argmax(1).tolist()))
         finally:
             backbone.train(was)
-        for part in _gather(preds, self.world):
+        for part in gather_objects(preds, self.world):
             preds.update(part)
         self.predictions[split] = preds
         return nlvr2_metrics(rows, preds)
@@ -716,7 +704,7 @@ class Nlvr2Task:
             out = model({"image": batch["image"].to(device), "text": texts}, generator=gen)
             correct += int((out["logits"].argmax(1) == out["labels"]).sum())
             total += len(texts)
-        counts = _gather((correct, total), self.world)
+        counts = gather_objects((correct, total), self.world)
         c, t = sum(x for x, _ in counts), sum(y for _, y in counts)
         return {"ta_accuracy": 100.0 * c / max(1, t), "num_captions": t, "chance": 100.0 / 3.0}
 

@@ -61,7 +61,7 @@ from finetune.answer_decoder import (
     token_soft_ce,
     weighted_answer_loss,
 )
-from finetune.data import ImageStore
+from finetune.data import ImageStore, usable_rows
 from finetune.distill import Distiller, distilled_bce, has_momentum_encoders
 from finetune.pairs import (
     ItemLoader,
@@ -283,11 +283,7 @@ def read_vqa(path: str | Path, split: str, *, annotations: str | None = None, ma
             items = _read_albef(p, data, max_words, problems)
         else:
             raise ValueError(f"{p}: expected an official questions file ({{'questions': [...]}}) or a list of rows")
-    for msg in problems:
-        log.warning("%s", msg)
-    if not items:
-        raise ValueError(f"{p}: no usable question ({len(problems)} problem(s); first: {problems[:1]})")
-    return items, problems
+    return usable_rows(p, items, problems, "question", log)
 
 
 # ============================================================================ answer vocabulary

@@ -268,6 +268,7 @@ def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def _check_paths(obj: Any, prefix: str = "") -> None:
+    """Check what a recipe names outside itself: paths, shard patterns, and fields with a ``check`` callable."""
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
         key = f"{prefix}.{f.name}" if prefix else f.name
@@ -288,6 +289,10 @@ def _check_paths(obj: Any, prefix: str = "") -> None:
             for v in values:
                 if not expand_shards(str(v)):
                     raise ConfigError(f"{key}: no shard files match {v!r}")
+        check = f.metadata.get("check")
+        if check is not None:  # a name that resolves to something outside the recipe (a model on disk or hub)
+            for v in values:
+                check(v, key)
 
 
 def load_config(

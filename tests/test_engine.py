@@ -342,7 +342,9 @@ def test_reference_deepspeed_configs_are_what_the_engine_builds():
     from pretrain.engine import deepspeed_config
 
     for stage in (1, 2, 3):
-        cfg = load_config(PretrainConfig, REPO / "configs/pretrain/clip.yaml", [f"deepspeed.zero_stage={stage}"])
+        # the full recipe names bert-base-uncased, which is not on this machine: check the schema, not the names
+        recipe = REPO / "configs/pretrain/clip.yaml"
+        cfg = load_config(PretrainConfig, recipe, [f"deepspeed.zero_stage={stage}"], check_paths=False)
         on_disk = json.loads((REPO / f"configs/deepspeed/zero{stage}.json").read_text())
         assert on_disk == deepspeed_config(cfg, world_size=1)
 

@@ -60,13 +60,11 @@ class VisionOptions:
 
 @dataclasses.dataclass
 class TextOptions:
-    name: str = MINILM  # a transformers model name, a local folder, or "minilm"
+    # a transformers model name, a local folder, or "minilm"; resolved when the recipe's paths are checked
+    name: str = dataclasses.field(default=MINILM, metadata={"check": lambda value, key: check_text_name(value)})
     pretrained: bool = True
     max_length: int = 30
     config: dict[str, Any] = dataclasses.field(default_factory=dict)  # BertConfig overrides (num_hidden_layers...)
-
-    def __post_init__(self) -> None:
-        check_text_name(self.name)
 
 
 def check_text_name(name: str) -> None:

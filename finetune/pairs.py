@@ -216,6 +216,38 @@ def write_examples(path: str | Path, rows: Sequence[dict[str, Any]], store: Imag
 
 
 # ============================================================================ engine and report helpers
+def unflipped_train_transform(d: Any) -> Any:
+    """The training transform (``d``: the ``data`` config) of tasks whose texts name left/right positions (VQA,
+    SNLI-VE): never flipped; CLIP recipes a light crop without RandAugment; ``transform: none`` the eval one."""
+    from data_prep.transforms import eval_transform, train_transform
+
+    if d.transform == "none":
+        return eval_transform(d.image_size, d.mean, d.std)
+    scale = (0.9, 1.0) if d.transform == "clip" else tuple(d.crop_scale)
+    return train_transform(d.image_size, scale, d.randaugment and d.transform != "clip", d.mean, d.std,
+                           flip=False)  # fmt: skip
+
+
+def load_head_init(backbone: nn.Module, head: str, init: str | None) -> bool | None:
+    """Load the weights of the backbone's attribute ``head`` from ``init`` (a fine-tune run's or an export's) for
+    ``--eval-only``. ``None`` without an init, else whether ``init`` held any weights of that head."""
+    if init in (None, "", "none"):
+        return None
+    from pretrain.export import load_state
+
+    state = {k.removeprefix("backbone."): v for k, v in load_state(init).items()}
+    prefix = f"{head}."
+    mine = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    if mine:
+        getattr(backbone, head).load_state_dict(mine)
+    return bool(mine)
+
+
+def example_picks(count: int, n: int) -> list[int]:
+    """``n`` evenly spaced indices into ``count`` items (none when ``n`` is 0): the rows of a qualitative figure."""
+    return sorted({round(j * count / n) for j in range(n)} & set(range(count))) if n else []
+
+
 def head_param_groups(model: nn.Module, weight_decay: float, lr: float, head_mult: float,
                       head_prefix: str) -> list[dict[str, Any]]:  # fmt: skip
     """The engine's AdamW groups with the new head's parameters at ``lr * head_mult`` (ViLT's ``lr_mult``)."""

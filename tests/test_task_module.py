@@ -91,3 +91,27 @@ def test_delegation_to_the_backbone():
     model.after_optimizer_step()  # the backbone's own hook clamps the temperature
     assert float(bb.temp.detach()) <= 0.5
     assert RetrievalModel(nn.Linear(2, 2)).no_weight_decay() == set()
+
+
+def test_load_head_init_takes_only_the_heads_weights(monkeypatch):
+    """``--eval-only`` of a fine-tune run: the head's weights come from ``model.init`` (``backbone.`` prefix or not);
+    an init without them is reported (False), no init is None."""
+    import pretrain.export
+    from finetune.pairs import load_head_init
+
+    bb = nn.Module()
+    bb.head = nn.Linear(3, 2)
+    saved = nn.Linear(3, 2)
+    states = {
+        "run": {
+            "backbone.other.weight": torch.ones(1),
+            **{f"backbone.head.{k}": v for k, v in saved.state_dict().items()},
+        },
+        "bare": {"other.weight": torch.ones(1)},
+    }
+    monkeypatch.setattr(pretrain.export, "load_state", lambda init: states[init])
+    assert load_head_init(bb, "head", "none") is None and load_head_init(bb, "head", None) is None
+    assert load_head_init(bb, "head", "bare") is False
+    assert not torch.equal(bb.head.weight, saved.weight)
+    assert load_head_init(bb, "head", "run") is True
+    assert torch.equal(bb.head.weight, saved.weight) and torch.equal(bb.head.bias, saved.bias)

@@ -37,19 +37,22 @@ from typing import Any
 import torch
 from torch import nn
 
-from data_prep.transforms import eval_transform, pre_caption, train_transform
+from data_prep.transforms import eval_transform, pre_caption
 from finetune.data import ImageStore, usable_rows
 from finetune.distill import Distiller, distilled_ce, has_momentum_encoders
 from finetune.pairs import (
     ItemLoader,
     MLPHead,
+    example_picks,
     feature_dim,
     head_param_groups,
     head_style,
+    load_head_init,
     pair_features,
     predict_items,
     results_table,
     spaced,
+    unflipped_train_transform,
     write_examples,
 )
 from finetune.task_module import BackboneTask
@@ -252,13 +255,7 @@ class EntailmentTask:
         return self._items[split]
 
     def train_transform(self) -> Any:
-        d = self.cfg.data
-        if d.transform == "none":
-            return eval_transform(d.image_size, d.mean, d.std)
-        # never flipped: hypotheses name left/right relations
-        scale = (0.9, 1.0) if d.transform == "clip" else tuple(d.crop_scale)
-        return train_transform(d.image_size, scale, d.randaugment and d.transform != "clip", d.mean, d.std,
-                               flip=False)  # fmt: skip
+        return unflipped_train_transform(self.cfg.data)  # hypotheses name left/right relations
 
     def build_model(self, backbone: nn.Module) -> EntailmentModel:
         attach_head(backbone)
@@ -301,16 +298,8 @@ class EntailmentTask:
         if getattr(backbone, HEAD, None) is not None:
             return
         attach_head(backbone)
-        init = self.cfg.model.init
-        if init not in (None, "", "none"):
-            from pretrain.export import load_state
-
-            state = {k.removeprefix("backbone."): v for k, v in load_state(init).items()}
-            mine = {k[len(HEAD) + 1 :]: v for k, v in state.items() if k.startswith(f"{HEAD}.")}
-            if mine:
-                getattr(backbone, HEAD).load_state_dict(mine)
-            elif self.rank == 0:
-                log.warning("model.init has no %s weights: evaluating an untrained head", HEAD)
+        if load_head_init(backbone, HEAD, self.cfg.model.init) is False and self.rank == 0:
+            log.warning("model.init has no %s weights: evaluating an untrained head", HEAD)
         getattr(backbone, HEAD).to(next(backbone.parameters()).device)
 
     @torch.no_grad()
@@ -350,7 +339,7 @@ class EntailmentTask:
             return []
         items, preds = extras["items"], extras["preds"]
         n = int(self.cfg.eval.qualitative)
-        picks = sorted({round(j * len(items) / n) for j in range(n)} & set(range(len(items)))) if n else []
+        picks = example_picks(len(items), n)
         rows = [{"image": items[i].image, "ok": preds[i] == items[i].label,
                  "lines": [items[i].hypothesis, f"predicted: {LABELS[preds[i]] if preds[i] is not None else '-'}",
                            f"label: {LABELS[items[i].label]}"]} for i in picks]  # fmt: skip

@@ -52,7 +52,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from data_prep.transforms import eval_transform, train_transform
+from data_prep.transforms import eval_transform
 from finetune.answer_decoder import (
     answer_tokens,
     build_decoder,
@@ -66,15 +66,18 @@ from finetune.distill import Distiller, distilled_bce, has_momentum_encoders
 from finetune.pairs import (
     ItemLoader,
     MLPHead,
+    example_picks,
     feature_dim,
     fused_states,
     head_param_groups,
     head_style,
+    load_head_init,
     model_kind,
     pair_features,
     predict_items,
     results_table,
     spaced,
+    unflipped_train_transform,
     write_examples,
 )
 from finetune.task_module import BackboneTask
@@ -471,13 +474,7 @@ class VqaTask:
         return min(counts, key=lambda a: (-counts[a], a)) if counts else None
 
     def train_transform(self) -> Any:
-        d = self.cfg.data
-        if d.transform == "none":
-            return eval_transform(d.image_size, d.mean, d.std)
-        # never flipped: questions and answers name left/right positions
-        scale = (0.9, 1.0) if d.transform == "clip" else tuple(d.crop_scale)
-        return train_transform(d.image_size, scale, d.randaugment and d.transform != "clip", d.mean, d.std,
-                               flip=False)  # fmt: skip
+        return unflipped_train_transform(self.cfg.data)  # questions and answers name left/right positions
 
     # -------------------------------------------------------------------- training
     def build_model(self, backbone: nn.Module) -> VqaModel:
@@ -535,17 +532,8 @@ class VqaTask:
             return "decoder" if hasattr(head, "lm_head") else "classifier"
         kind = resolve_head(self.opts.head, backbone)
         attach_head(backbone, kind, len(self.vocab()))
-        init = self.cfg.model.init
-        if init not in (None, "", "none"):
-            from pretrain.export import load_state
-
-            state = {k.removeprefix("backbone."): v for k, v in load_state(init).items()}
-            prefix = f"{HEAD}."
-            mine = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}  # fmt: skip
-            if mine:
-                getattr(backbone, HEAD).load_state_dict(mine)
-            elif self.rank == 0:
-                log.warning("model.init has no %s weights: evaluating an untrained %s head", HEAD, kind)
+        if load_head_init(backbone, HEAD, self.cfg.model.init) is False and self.rank == 0:
+            log.warning("model.init has no %s weights: evaluating an untrained %s head", HEAD, kind)
         getattr(backbone, HEAD).to(next(backbone.parameters()).device)
         return kind
 
@@ -620,7 +608,7 @@ class VqaTask:
         result = out / f"vqa_{split}_result.json"
         atomic_write_json(result, [{"question_id": it.question_id, "answer": a} for it, a in zip(items, answers)])
         n = int(self.cfg.eval.qualitative)
-        picks = sorted({round(j * len(items) / n) for j in range(n)} & set(range(len(items)))) if n else []
+        picks = example_picks(len(items), n)
         rows = []
         for i in picks:
             it = items[i]

@@ -243,6 +243,36 @@ def load_head_init(backbone: nn.Module, head: str, init: str | None) -> bool | N
     return bool(mine)
 
 
+class HeadTask:
+    """What the image-text classification tasks with one new head on the backbone (VQA, SNLI-VE) share: the config
+    fields, the image store, the eval transform, the split files, the unflipped training transform and the head's
+    learning-rate groups. A subclass sets ``head_name`` (the backbone attribute of its head)."""
+
+    head_name: str
+
+    def __init__(self, cfg: Any, rank: int = 0, world: int = 1) -> None:
+        from data_prep.transforms import eval_transform
+
+        self.cfg, self.opts, self.rank, self.world = cfg, cfg.task, rank, world
+        self.store = ImageStore(self.opts.image_root or ".")
+        d = cfg.data
+        self.eval_tf = eval_transform(d.image_size, d.mean, d.std)
+        self._items: dict[str, list[Any]] = {}
+        self.extras: dict[str, dict[str, Any]] = {}
+
+    def json_of(self, split: str) -> str | None:
+        return {"train": self.opts.train_json, "val": self.opts.val_json, "test": self.opts.test_json}[split]
+
+    def train_transform(self) -> Any:
+        return unflipped_train_transform(self.cfg.data)  # questions and hypotheses name left/right positions
+
+    def param_groups(self, model: nn.Module) -> list[dict[str, Any]] | None:
+        if self.opts.head_lr_mult == 1.0:
+            return None
+        tc = self.cfg.train
+        return head_param_groups(model, tc.weight_decay, tc.lr, self.opts.head_lr_mult, f"backbone.{self.head_name}.")
+
+
 def example_picks(count: int, n: int) -> list[int]:
     """``n`` evenly spaced indices into ``count`` items (none when ``n`` is 0): the rows of a qualitative figure."""
     return sorted({round(j * count / n) for j in range(n)} & set(range(count))) if n else []

@@ -115,3 +115,25 @@ def test_load_head_init_takes_only_the_heads_weights(monkeypatch):
     assert not torch.equal(bb.head.weight, saved.weight)
     assert load_head_init(bb, "head", "run") is True
     assert torch.equal(bb.head.weight, saved.weight) and torch.equal(bb.head.bias, saved.bias)
+
+
+def test_head_task_gives_the_new_head_its_learning_rate():
+    """``task.head_lr_mult`` (ViLT's lr_mult): the head's parameters, and only they, train at ``lr * mult``."""
+    from types import SimpleNamespace
+
+    from finetune.tasks.entailment import EntailmentTask
+
+    data = SimpleNamespace(image_size=16, mean=(0.5,) * 3, std=(0.5,) * 3)
+    cfg = SimpleNamespace(task=SimpleNamespace(image_root=None, head_lr_mult=10.0), data=data,
+                          train=SimpleNamespace(weight_decay=0.02, lr=1e-4))  # fmt: skip
+    bb = nn.Module()
+    bb.ve_head, bb.encoder = nn.Linear(4, 3), nn.Linear(4, 4)
+    model = BackboneTask(bb)
+    head_ids = {id(p) for p in bb.ve_head.parameters()}
+    groups = EntailmentTask(cfg).param_groups(model)
+    assert sum(len(g["params"]) for g in groups) == 4
+    for g in groups:
+        in_head = {id(p) in head_ids for p in g["params"]}
+        assert len(in_head) == 1 and g.get("lr", 1e-4) == pytest.approx(1e-3 if in_head.pop() else 1e-4)
+    cfg.task.head_lr_mult = 1.0
+    assert EntailmentTask(cfg).param_groups(model) is None

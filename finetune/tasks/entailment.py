@@ -37,22 +37,21 @@ from typing import Any
 import torch
 from torch import nn
 
-from data_prep.transforms import eval_transform, pre_caption
-from finetune.data import ImageStore, usable_rows
+from data_prep.transforms import pre_caption
+from finetune.data import usable_rows
 from finetune.distill import Distiller, distilled_ce, has_momentum_encoders
 from finetune.pairs import (
+    HeadTask,
     ItemLoader,
     MLPHead,
     example_picks,
     feature_dim,
-    head_param_groups,
     head_style,
     load_head_init,
     pair_features,
     predict_items,
     results_table,
     spaced,
-    unflipped_train_transform,
     write_examples,
 )
 from finetune.task_module import BackboneTask
@@ -229,21 +228,11 @@ def attach_head(backbone: nn.Module) -> None:
 
 # ============================================================================ the task
 @register("entailment", EntailmentOptions)
-class EntailmentTask:
+class EntailmentTask(HeadTask):
     """SNLI-VE fine-tuning and evaluation for the shared engine (see the module docstring)."""
 
+    head_name = HEAD
     init_optional_keys = (HEAD + ".",)  # the head may be absent from model.init (a pretrain run)
-
-    def __init__(self, cfg: Any, rank: int = 0, world: int = 1) -> None:
-        self.cfg, self.opts, self.rank, self.world = cfg, cfg.task, rank, world
-        self.store = ImageStore(self.opts.image_root or ".")
-        d = cfg.data
-        self.eval_tf = eval_transform(d.image_size, d.mean, d.std)
-        self._items: dict[str, list[VeItem]] = {}
-        self.extras: dict[str, dict[str, Any]] = {}
-
-    def json_of(self, split: str) -> str | None:
-        return {"train": self.opts.train_json, "val": self.opts.val_json, "test": self.opts.test_json}[split]
 
     def items(self, split: str) -> list[VeItem]:
         if split not in self._items:
@@ -254,18 +243,9 @@ class EntailmentTask:
             self._items[split] = items if split == "train" else spaced(items, self.opts.eval_limit)
         return self._items[split]
 
-    def train_transform(self) -> Any:
-        return unflipped_train_transform(self.cfg.data)  # hypotheses name left/right relations
-
     def build_model(self, backbone: nn.Module) -> EntailmentModel:
         attach_head(backbone)
         return EntailmentModel(backbone, self.opts)
-
-    def param_groups(self, model: nn.Module) -> list[dict[str, Any]] | None:
-        if self.opts.head_lr_mult == 1.0:
-            return None
-        tc = self.cfg.train
-        return head_param_groups(model, tc.weight_decay, tc.lr, self.opts.head_lr_mult, f"backbone.{HEAD}.")
 
     def train_loader(self) -> ItemLoader:
         items = self.items("train")

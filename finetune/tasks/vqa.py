@@ -52,7 +52,6 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from data_prep.transforms import eval_transform
 from finetune.answer_decoder import (
     answer_tokens,
     build_decoder,
@@ -61,15 +60,15 @@ from finetune.answer_decoder import (
     token_soft_ce,
     weighted_answer_loss,
 )
-from finetune.data import ImageStore, usable_rows
+from finetune.data import usable_rows
 from finetune.distill import Distiller, distilled_bce, has_momentum_encoders
 from finetune.pairs import (
+    HeadTask,
     ItemLoader,
     MLPHead,
     example_picks,
     feature_dim,
     fused_states,
-    head_param_groups,
     head_style,
     load_head_init,
     model_kind,
@@ -77,7 +76,6 @@ from finetune.pairs import (
     predict_items,
     results_table,
     spaced,
-    unflipped_train_transform,
     write_examples,
 )
 from finetune.task_module import BackboneTask
@@ -413,25 +411,18 @@ class VqaModel(BackboneTask):
 
 # ============================================================================ the task
 @register("vqa", VqaOptions)
-class VqaTask:
+class VqaTask(HeadTask):
     """VQA fine-tuning and evaluation for the shared engine (see the module docstring)."""
 
+    head_name = HEAD
     init_optional_keys = (HEAD + ".",)  # the head may be absent from model.init (a pretrain run)
 
     def __init__(self, cfg: Any, rank: int = 0, world: int = 1) -> None:
-        self.cfg, self.opts, self.rank, self.world = cfg, cfg.task, rank, world
-        self.store = ImageStore(self.opts.image_root or ".")
-        d = cfg.data
-        self.eval_tf = eval_transform(d.image_size, d.mean, d.std)
-        self._items: dict[str, list[VqaItem]] = {}
+        super().__init__(cfg, rank, world)
         self._vocab: AnswerVocab | None = None
-        self.extras: dict[str, dict[str, Any]] = {}
         self.train_info: dict[str, Any] = {}
 
     # -------------------------------------------------------------------- data
-    def json_of(self, split: str) -> str | None:
-        return {"train": self.opts.train_json, "val": self.opts.val_json, "test": self.opts.test_json}[split]
-
     def items(self, split: str) -> list[VqaItem]:
         if split not in self._items:
             path = self.json_of(split)
@@ -473,9 +464,6 @@ class VqaTask:
         counts = Counter(most_common_answer(it.answers) for it in self.items("train") if it.answers)
         return min(counts, key=lambda a: (-counts[a], a)) if counts else None
 
-    def train_transform(self) -> Any:
-        return unflipped_train_transform(self.cfg.data)  # questions and answers name left/right positions
-
     # -------------------------------------------------------------------- training
     def build_model(self, backbone: nn.Module) -> VqaModel:
         head = resolve_head(self.opts.head, backbone)
@@ -484,12 +472,6 @@ class VqaTask:
             log.warning("answer decoder: %d weights start from BERT's initialisation (image width != text width), "
                         "e.g. %s", len(fresh), fresh[:2])  # fmt: skip
         return VqaModel(backbone, head, self.opts)
-
-    def param_groups(self, model: nn.Module) -> list[dict[str, Any]] | None:
-        if self.opts.head_lr_mult == 1.0:
-            return None
-        tc = self.cfg.train
-        return head_param_groups(model, tc.weight_decay, tc.lr, self.opts.head_lr_mult, f"backbone.{HEAD}.")
 
     def train_loader(self) -> ItemLoader:
         vocab = self.vocab()

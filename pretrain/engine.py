@@ -366,6 +366,8 @@ class Trainer:
         if mine.get("loader") is not None and hasattr(self.loader, "load_state_dict"):
             self.loader.load_state_dict(mine["loader"])
         set_rng_state(mine["rng"])
+        # the count depends on the micro-batch it was taken on (text length): a resumed run keeps the run's number
+        self.flops_per_sample = client.get("flops_per_sample")
         self.resumed_from = str(folder / tag)
         if self.rank == 0:
             log.info("resumed from %s at step %d", self.resumed_from, self.state.step)
@@ -379,7 +381,8 @@ class Trainer:
         mine = {"loader": loader_state, "rng": rng_state()}
         ranks: list[Any] = [None] * self.world
         dist.all_gather_object(ranks, mine)
-        client = {"trainer": dataclasses.asdict(self.state), "ranks": ranks, "world_size": self.world}
+        client = {"trainer": dataclasses.asdict(self.state), "ranks": ranks, "world_size": self.world,
+                  "flops_per_sample": self.flops_per_sample}  # fmt: skip
         self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, client_state=client, save_latest=False)
         dist.barrier()
         if self.rank == 0:
@@ -472,7 +475,7 @@ class Trainer:
             micro += 1
             batch = raw if self.augment is None else self.augment(raw, step=self.state.step, micro=raw["micro"])
             device_batch = self._to_device(batch)
-            if self.flops.total is None:
+            if self.flops_per_sample is None:
                 with self.flops.count():  # once per run: the forward FLOPs of one micro-batch
                     out = self.engine(device_batch)
                 self.flops_per_sample = training_flops_per_sample(self.flops.total, len(batch["image"]))

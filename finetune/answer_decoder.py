@@ -32,7 +32,7 @@ from torch import nn
 from transformers import BertConfig
 from transformers.models.bert.modeling_bert import BertEmbeddings, BertLayer, BertOnlyMLMHead
 
-from pretrain.models.fusion import extended_mask
+from pretrain.models.fusion import bert_init_weights, extended_mask
 
 RankScore = Literal["loglik", "albef"]
 
@@ -70,16 +70,7 @@ class AnswerDecoder(nn.Module):
         self.apply(self._init_weights)
 
     def _init_weights(self, module: nn.Module) -> None:
-        std = self.config.initializer_range
-        if isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, std=std)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, std=std)
-        elif isinstance(module, nn.LayerNorm):
-            nn.init.ones_(module.weight)
-            nn.init.zeros_(module.bias)
+        bert_init_weights(module, self.config.initializer_range)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, states: torch.Tensor,
                 states_mask: torch.Tensor) -> torch.Tensor:  # fmt: skip

@@ -46,6 +46,22 @@ def extended_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return (1.0 - mask) * torch.finfo(dtype).min
 
 
+
+def bert_init_weights(module: nn.Module, std: float) -> None:
+    """BERT's initialisation (normal(0, std), padding row 0, LayerNorm 1/0); pretrained weights load over it."""
+    if isinstance(module, nn.Linear):
+        nn.init.normal_(module.weight, std=std)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Embedding):
+        nn.init.normal_(module.weight, std=std)
+        if module.padding_idx is not None:
+            with torch.no_grad():
+                module.weight[module.padding_idx].zero_()
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
 class FusionBert(nn.Module):
     """BERT whose layers from ``fusion_layer`` on cross-attend to image tokens (ALBEF's text/fusion encoder)."""
 
@@ -104,20 +120,7 @@ class FusionBert(nn.Module):
 
     # ------------------------------------------------------------------ weights
     def _init_weights(self, module: nn.Module) -> None:
-        """BERT's initialisation (normal(0, initializer_range), LayerNorm 1/0); pretrained weights load over it."""
-        std = self.config.initializer_range
-        if isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, std=std)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, std=std)
-            if module.padding_idx is not None:
-                with torch.no_grad():
-                    module.weight[module.padding_idx].zero_()
-        elif isinstance(module, nn.LayerNorm):
-            nn.init.ones_(module.weight)
-            nn.init.zeros_(module.bias)
+        bert_init_weights(module, self.config.initializer_range)
 
     def load_text_weights(self, state: Mapping[str, torch.Tensor]) -> list[str]:
         """Load a ``BertModel`` state dict; returns the keys left at random init (the cross-attention ones).

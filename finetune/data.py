@@ -180,6 +180,25 @@ def _list_entries(path: str, rows: list[Any], max_words: int, problems: list[str
     return list(by_key.values())
 
 
+
+def scene_rows(path: Path, lines: list[str], problems: list[str]) -> Iterator[tuple[Any, str, int]]:
+    """``(scene, image name, image id)`` of each row of a synthetic ``{split}_scenes.jsonl``; bad rows go to
+    ``problems`` (file, line, reason) and are skipped."""
+    from data_prep.sources.synthetic import scene_from_dict
+
+    for row, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            scene = scene_from_dict(rec["scene"])
+            image = f"{rec['shard']}/{rec['key']}.jpg"
+            image_id = int(rec["image_id"])
+        except (ValueError, KeyError, TypeError) as exc:
+            problems.append(f"{path}: line {row + 1}: {exc}; skipped")
+            continue
+        yield scene, image, image_id
+
 def usable_rows(path: Any, rows: list[Any], problems: list[str], what: str,
                 logger: logging.Logger = log) -> tuple[list[Any], list[str]]:  # fmt: skip
     """The end of every annotation reader: log each skipped row's problem on ``logger``; no usable row (``what``,

@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from data_prep.transforms import pre_caption
-from finetune.data import usable_rows
+from finetune.data import scene_rows, usable_rows
 from finetune.distill import Distiller, distilled_ce, has_momentum_encoders
 from finetune.pairs import (
     HeadTask,
@@ -154,20 +154,10 @@ def _read_albef(path: Path, rows: list, max_words: int, problems: list[str]) -> 
 
 def _read_synthetic(path: Path, lines: list[str], split: str, seed: int, max_words: int,
                     problems: list[str]) -> list[VeItem]:  # fmt: skip
-    from data_prep.sources.synthetic import entailment, scene_from_dict
+    from data_prep.sources.synthetic import entailment
 
     items = []
-    for row, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-            scene = scene_from_dict(rec["scene"])
-            image = f"{rec['shard']}/{rec['key']}.jpg"
-            image_id = int(rec["image_id"])
-        except (ValueError, KeyError, TypeError) as exc:
-            problems.append(f"{path}: line {row + 1}: {exc}; skipped")
-            continue
+    for scene, image, image_id in scene_rows(path, lines, problems):
         rng = random.Random(f"entailment/{seed}/{split}/{image_id}")
         for hypothesis, label in entailment(scene, rng):
             items.append(VeItem(image, pre_caption(hypothesis, max_words), LABELS.index(label)))

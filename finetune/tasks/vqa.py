@@ -60,7 +60,7 @@ from finetune.answer_decoder import (
     token_soft_ce,
     weighted_answer_loss,
 )
-from finetune.data import usable_rows
+from finetune.data import scene_rows, usable_rows
 from finetune.distill import Distiller, distilled_bce, has_momentum_encoders
 from finetune.pairs import (
     HeadTask,
@@ -242,21 +242,10 @@ def _read_albef(path: Path, rows: list, max_words: int, problems: list[str]) -> 
 
 
 def _read_synthetic(path: Path, split: str, seed: int, max_words: int, problems: list[str]) -> list[VqaItem]:
-    from data_prep.sources.synthetic import scene_from_dict, vqa_questions
+    from data_prep.sources.synthetic import vqa_questions
 
     items = []
-    for row, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
-        if not line.strip():
-            continue
-        where = f"{path}: line {row + 1}"
-        try:
-            rec = json.loads(line)
-            scene = scene_from_dict(rec["scene"])
-            image = f"{rec['shard']}/{rec['key']}.jpg"
-            image_id = int(rec["image_id"])
-        except (ValueError, KeyError, TypeError) as exc:
-            problems.append(f"{where}: {exc}; skipped")
-            continue
+    for scene, image, image_id in scene_rows(path, path.read_text(encoding="utf-8").splitlines(), problems):
         rng = random.Random(f"vqa/{seed}/{split}/{image_id}")
         for k, (question, answer) in enumerate(vqa_questions(scene, rng)):
             items.append(VqaItem(image_id * 1000 + k, image, pre_question(question, max_words), [answer] * 10,

@@ -49,7 +49,7 @@ from torch import nn
 
 from data_prep.transforms import eval_transform, pre_caption
 from finetune.boxes import best_box, box_scores, gradcam_map, iou, normalized_to_pixels, upsample_map
-from finetune.data import CaptionLoader, Entry, ImageError, ImageStore
+from finetune.data import CaptionLoader, Entry, ImageError, ImageStore, scene_rows
 from finetune.pairs import gather_objects
 from finetune.tasks import TaskOptions, register
 from finetune.tasks.retrieval import RetrievalModel, model_kind
@@ -207,26 +207,17 @@ def read_refcoco(instances: str, refs: str, splits: Sequence[str], *, max_words:
 
 def read_synthetic(root: str, split: str, max_words: int = 30) -> tuple[list[RefRow], list[str]]:
     """Every object of every scene of ``{split}_scenes.jsonl`` with its referring expression; gold proposals."""
-    from data_prep.sources.synthetic import referring_expressions, scene_from_dict
+    from data_prep.sources.synthetic import referring_expressions
 
     path = Path(root) / f"{split}_scenes.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"task.root: no {path.name} in {root} (python -m data_prep synthetic)")
     rows, problems = [], []
-    for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-            scene = scene_from_dict(item["scene"])
-            ref = f"{item['shard']}/{item['key']}.jpg"
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-            problems.append(f"{path}:{line_no}: not a scene row ({exc}); skipped")
-            continue
+    for scene, ref, image_id in scene_rows(path, path.read_text(encoding="utf-8").splitlines(), problems):
         exprs = referring_expressions(scene)
         proposals = [normalized_to_pixels(o.box, 1, 1) for o in scene.objects]
         for text, box in exprs:
-            rows.append(RefRow(ref, item.get("image_id", line_no), pre_caption(text, max_words),
+            rows.append(RefRow(ref, image_id, pre_caption(text, max_words),
                                normalized_to_pixels(box, 1, 1), proposals, split, relative=True))  # fmt: skip
     return rows, problems
 

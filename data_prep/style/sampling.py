@@ -16,12 +16,17 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
+import math
 from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .network import PREDICTOR_MIN_SIZE, STYLE_DIM, StylePredictor, StyleTransformer
+
+log = logging.getLogger(__name__)
 
 DEFAULT_ALPHA = 0.5
 CPU_CHUNK_PIXELS = 2 * 256 * 256
@@ -144,6 +149,7 @@ class StyleRandomizer(nn.Module):
         self.precision = precision
         self.chunk = chunk
         self._cl_device: torch.device | None = None
+        self._warned_small = False
 
     @property
     def device(self) -> torch.device:
@@ -182,10 +188,15 @@ class StyleRandomizer(nn.Module):
         h, w = images.shape[-2:]
         least = getattr(self.predictor, "min_size", PREDICTOR_MIN_SIZE)
         if min(h, w) < least:
-            raise ValueError(
-                f"images of {h}x{w} are smaller than the style predictor's minimum {least}x"
-                f"{least}; run without the predictor (use_predictor=false) for tiny images"
-            )
+            # P(c) is a global style statistic: the predictor sees an upsampled copy (its trunk needs `least` px);
+            # the image that is stylized keeps its size
+            scale = least / min(h, w)
+            size = (max(least, math.ceil(h * scale)), max(least, math.ceil(w * scale)))
+            if not self._warned_small:
+                log.warning("images of %dx%d are below the style predictor's minimum %d px: the predictor sees "
+                            "them upsampled to %dx%d", h, w, least, *size)  # fmt: skip
+                self._warned_small = True
+            images = F.interpolate(images, size=size, mode="bilinear", align_corners=False)
         return self.predictor(images).float()
 
     @torch.no_grad()

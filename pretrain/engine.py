@@ -398,14 +398,17 @@ class Trainer:
 
     # -- the loop -----------------------------------------------------------------------------------------------
     def _next_batch(self) -> dict[str, Any]:
-        if self._iter is None:
-            self._iter = iter(self.loader)
-        try:
-            return next(self._iter)
-        except StopIteration:
-            self.state.epoch += 1
-            if hasattr(self.loader, "set_epoch"):
-                self.loader.set_epoch(self.state.epoch)
+        if self._iter is not None:
+            try:
+                return next(self._iter)
+            except StopIteration:
+                self.state.epoch += 1
+                if hasattr(self.loader, "set_epoch"):
+                    self.loader.set_epoch(self.state.epoch)
+        # A new pass. A DataLoader draws its workers' base seed from the global RNG when its iterator starts (often
+        # inside the first next() of a generator-based loader); a resumed run starts one right after restoring that
+        # RNG, which would shift every later dropout mask. Starting a pass leaves the model's RNG stream as it was.
+        with torch.random.fork_rng(devices=[]):
             self._iter = iter(self.loader)
             try:
                 return next(self._iter)

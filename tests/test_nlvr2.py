@@ -290,11 +290,6 @@ def test_all_four_models_fine_tune_evaluate_and_write_official_predictions(data,
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="known bug, measured 2026-11-30: resumed from step 2, the step-3 loss is 0.693405 vs 0.693365 "
-    "uninterrupted (same symptom as the VQA decoder's resume); cause not found yet",
-)
 def test_resume_matches_uninterrupted_run(data, tmp_path):
     """ALBEF (paired encoder + momentum teacher): steps 3-4 after resuming from step 2 equal the uninterrupted
     run's, so the loader position, the teacher and the RNG are all restored."""

@@ -345,11 +345,6 @@ def vqa_data(tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="known bug, measured 2026-11-30: after SIGKILL at step 3 and restart from the "
-    "step-2 checkpoint the resumed losses differ (18.59 vs 18.82 at step 3); cause not found yet",
-)
 def test_decoder_resume_after_sigkill_matches_uninterrupted_run_and_evalai_file(vqa_data, tmp_path):
     """ALBEF's decoder head with momentum distillation on 2 ranks: a run SIGKILLed after step 3 and restarted
     (resuming from the step-2 checkpoint) logs the uninterrupted run's losses and ends with the same results."""

@@ -20,6 +20,17 @@ from data_prep.style.network import predictor_for
 # ------------------------------------------------------------------------------------------------ style set
 
 
+def test_style_set_command_builds_and_refuses_bad_settings(tmp_path, capsys):
+    from data_prep.__main__ import main
+
+    out = tmp_path / "set"
+    argv = ["style-set", "--config", "configs/style/style_set.yaml", f"out_dir={out}", "count=3", "size=32"]
+    assert main(argv) == 0
+    assert sorted(p.name for p in out.glob("*.jpg")) == ["00000.jpg", "00001.jpg", "00002.jpg"]
+    assert main([*argv, "size=8"]) == 2
+    assert "config error: size" in capsys.readouterr().err
+
+
 def test_style_set_is_deterministic_and_varied(tmp_path):
     whole = procedural.StyleSetConfig(out_dir=str(tmp_path / "a"), count=12, size=48, seed=3)
     procedural.build(whole)

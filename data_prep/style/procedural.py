@@ -47,7 +47,7 @@ class StyleSetConfig:
     jpeg_quality: int = 92
     start: int = 0  # build indices [start, count): a resumed or split build
 
-    def validate(self) -> None:
+    def validate(self, recipe: object = None) -> None:
         if self.count < 1:
             raise ConfigError("count: must be >= 1")
         if self.size < 16:

@@ -99,6 +99,28 @@ def test_other_size_of_the_same_model_names_the_shapes(tmp_path):
         load_backbone_init(_build(CLIP), str(run), "clip")
 
 
+def test_higher_resolution_resamples_the_position_embedding(tmp_path):
+    """ALBEF fine-tunes at 384 px from a 256 px pretraining: the ViT position grid is resampled bicubically, the
+    [CLS] position kept, every other weight copied unchanged."""
+    import torch.nn.functional as F
+
+    from finetune.backbone import load_backbone_init
+
+    source = _build(ALBEF)  # 32 px, patch 8: a 4x4 grid + [CLS]
+    run = _run_dir(tmp_path / "albef_run", ALBEF, source.state_dict())
+    target = _build(dict(ALBEF, image_size=48))  # 6x6
+    assert load_backbone_init(target, str(run), "albef") == {"missing": [], "unexpected": []}
+    old, new = source.state_dict(), target.state_dict()
+    keys = [k for k in old if k.endswith("pos_embed")]
+    assert keys and all(new[k].shape == (1, 37, old[k].shape[-1]) for k in keys)
+    for k in keys:
+        grid = old[k][:, 1:].reshape(1, 4, 4, -1).permute(0, 3, 1, 2)
+        expected = F.interpolate(grid, size=(6, 6), mode="bicubic", align_corners=False).permute(0, 2, 3, 1)
+        assert torch.equal(new[k][:, :1], old[k][:, :1])
+        assert torch.allclose(new[k][:, 1:], expected.reshape(1, 36, -1), atol=1e-6), k
+    assert all(torch.equal(new[k], v) for k, v in old.items() if k not in keys)
+
+
 def test_finetune_cli_exits_2_with_one_line(albef_sources, tmp_path):
     ann = tmp_path / "test.json"
     ann.write_text(json.dumps([{"image": "a.jpg", "caption": ["a caption"]}]))

@@ -121,8 +121,8 @@ STAGES.append(("zero-shot retrieval", stage_zeroshot))
 
 # ---- style randomization stage with the style network trained here (docs/style.md) --------------------------------
 def stage_style(ctx: Context) -> None:
-    """Style randomization of a slice of the synthetic shards with configs/style/stage.yaml's weights (its random-init
-    demo weights unless model.checkpoint names a trained network, e.g. one from configs/pretrain/style_lite0.yaml)."""
+    """Style randomization of a slice of the synthetic shards with configs/style/stage.yaml's weights: the network
+    trained here (assets/style_lite0.safetensors, from configs/pretrain/style_lite0.yaml)."""
     out = DEMO / "style_shards"
     _run(
         [sys.executable, "-m", "data_prep", "style", "--config", "configs/style/stage.yaml",

@@ -3,9 +3,11 @@
     python scripts/ship_style_checkpoint.py runs/style_lite0/style_checkpoint.safetensors \
         assets/style_lite0.safetensors --images runs/demo/data/test
 
-Network weights are stored in fp16 (the embedding statistics stay fp64); the stage loads them into fp32 modules.
-The script stylizes test images with both files (same draws, α = 0.5 and 1) and keeps fp16 only when the largest
-pixel difference is below half a grey level (0.5 / 255): then the 8-bit images the stage writes are the same.
+The transformer's weights are stored in fp16 (the predictor head stays fp32, the embedding statistics fp64); the
+stage loads them into fp32 modules. The script stylizes test images with both (same draws, α = 0.5 and 1) and keeps
+fp16 only when the largest pixel difference is below half a grey level (0.5 / 255): then the 8-bit images the stage
+writes are the same. A predictor trunk that was frozen and equals the packaged ImageNet EfficientNet-Lite0 is left
+out of the file (metadata ``predictor_trunk``) and refilled from the package on load.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from data_prep.style.network import (  # noqa: E402
     StyleTransformer,
     load_style_checkpoint,
+    packaged_trunk_state,
     predictor_for,
     save_style_checkpoint,
 )
@@ -60,9 +63,15 @@ def main() -> int:
     ap.add_argument("--n", type=int, default=16)
     args = ap.parse_args()
     ck = load_style_checkpoint(args.src)
-    half = {
-        g: {k: (v.half() if v.is_floating_point() else v) for k, v in ck[g].items()}
-        for g in ("transformer", "predictor")
+    # a frozen (predictor_train: head) Lite0 trunk equal to the package's is left out of the file and refilled on load
+    trunk = {k: v for k, v in (ck["predictor"] or {}).items() if k.startswith("backbone.")}
+    packaged = (ck["meta"].get("predictor") == "efficientnet_lite0" and ck["meta"].get("predictor_train") == "head"
+                and trunk.keys() == packaged_trunk_state().keys()
+                and all(torch.equal(v, packaged_trunk_state()[k]) for k, v in trunk.items()))  # fmt: skip
+    print(f"predictor trunk: {'the packaged ImageNet Lite0, left out of the file' if packaged else 'stored'}")
+    half = {  # the transformer in fp16; the predictor (head) stays fp32
+        "transformer": {k: (v.half() if v.is_floating_point() else v) for k, v in ck["transformer"].items()},
+        "predictor": ck["predictor"],
     }
     meta = {**ck["meta"], "weights_dtype": "float16", "shipped_from": Path(args.src).name}
     t, p = StyleTransformer(), predictor_for(ck["meta"])
@@ -82,8 +91,7 @@ def main() -> int:
         meta["weights_dtype"] = "float32"
     else:
         t = t.half()
-        p = p.half()
-    save_style_checkpoint(args.dst, t, p, ck["mean"], ck["cov"], ck["base"], meta=meta)
+    save_style_checkpoint(args.dst, t, p, ck["mean"], ck["cov"], ck["base"], meta=meta, packaged_trunk=packaged)
     print(f"wrote {args.dst} ({Path(args.dst).stat().st_size / 1e6:.1f} MB)")
     return 0
 

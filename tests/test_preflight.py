@@ -151,13 +151,15 @@ def test_shipped_recipe_paths_resolve_from_any_working_directory(tmp_path, monke
 
     monkeypatch.chdir(tmp_path)
     cfg = load_config(StageConfig, "configs/style/stage.yaml", [f"data.shards={fake_shard}", "out.dir=out"])
-    assert Path(cfg.model.embeddings) == REPO / "assets/strad/checkpoint_embeddings.pth"
+    assert Path(cfg.model.checkpoint) == REPO / "assets/style_lite0.safetensors"
     assert cfg.out.dir == "out"  # outputs stay relative to the working directory
+    public = [f"data.shards={fake_shard}", "model.checkpoint=null", "model.random_init=true"]
+    strad = "model.embeddings=assets/strad/checkpoint_embeddings.pth"
+    cfg = load_config(StageConfig, "configs/style/stage.yaml", [*public, strad])
+    assert Path(cfg.model.embeddings) == REPO / "assets/strad/checkpoint_embeddings.pth"
     (tmp_path / "assets").mkdir()
     with pytest.raises(ConfigError, match="model.embeddings: path does not exist: assets/nope.pth"):
-        load_config(
-            StageConfig, "configs/style/stage.yaml", [f"data.shards={fake_shard}", "model.embeddings=assets/nope.pth"]
-        )
+        load_config(StageConfig, "configs/style/stage.yaml", [*public, "model.embeddings=assets/nope.pth"])
 
 
 # ----------------------------------------------------------------------------------------------- resume

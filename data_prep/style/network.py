@@ -334,12 +334,15 @@ def save_style_checkpoint(
     embedding_cov: torch.Tensor,
     base_embedding: torch.Tensor | None = None,
     meta: dict[str, str] | None = None,
+    packaged_trunk: bool = False,
 ) -> None:
     """Write transformer (+ predictor) weights and the style-embedding statistics.
 
     ``.safetensors`` paths are written with safetensors (keys prefixed ``transformer.``, ``predictor.``,
     ``stats.``); any other suffix is a ``torch.save`` dict readable with ``weights_only=True``. ``base_embedding``
     is the fixed embedding that stands in for P(c) without a predictor (the public files' ImageNet mean).
+    ``packaged_trunk``: the predictor's EfficientNet-Lite0 trunk is the packaged ImageNet one, unchanged (it was
+    frozen): leave it out of the file (13.7 MB) and let :func:`load_style_checkpoint` fill it from the package.
     """
     from launch.files import atomic_write_bytes
 
@@ -348,7 +351,10 @@ def save_style_checkpoint(
         tensors[f"transformer.{k}"] = v
     if predictor is not None:
         for k, v in predictor.state_dict().items():
-            tensors[f"predictor.{k}"] = v
+            if not (packaged_trunk and k.startswith("backbone.")):
+                tensors[f"predictor.{k}"] = v
+    if packaged_trunk:
+        meta = {**(meta or {}), "predictor_trunk": PACKAGED_TRUNK}
     tensors["stats.mean"] = embedding_mean.detach().to(torch.float64)
     tensors["stats.cov"] = embedding_cov.detach().to(torch.float64)
     if base_embedding is not None:
@@ -404,5 +410,17 @@ def load_style_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     if not out["transformer"]:
         raise ValueError(f"{p}: no transformer weights")
     out.setdefault("base", None)
+    if meta.get("predictor_trunk") == PACKAGED_TRUNK and out["predictor"]:
+        out["predictor"] = {**packaged_trunk_state(), **out["predictor"]}
     out["predictor"] = out["predictor"] or None
     return out
+
+
+PACKAGED_TRUNK = "efficientnet_lite0_imagenet"  # checkpoint meta: the predictor trunk is the packaged one
+
+
+def packaged_trunk_state() -> dict[str, torch.Tensor]:
+    """The packaged ImageNet EfficientNet-Lite0 as a :class:`StylePredictor` ``backbone.*`` state dict."""
+    from data_prep.efficientnet import efficientnet_lite0
+
+    return {f"backbone.{k}": v for k, v in efficientnet_lite0(num_classes=0).state_dict().items()}

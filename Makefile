@@ -30,7 +30,8 @@ demo: $(STAMP)
 	$(BIN)/python scripts/demo.py
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -x --durations=15 tests
+	# two workers, one test file each at a time: the Slurm and launcher tests spend minutes waiting on timers
+	$(BIN)/python -m pytest -q -x -n 2 --dist loadfile --durations=15 tests
 
 test-slurm: $(STAMP)
 	bash scripts/slurm_local.sh up

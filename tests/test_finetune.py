@@ -168,22 +168,17 @@ def test_model_keys_left_out_are_inherited_from_the_pretrain_run(tmp_path):
 
 @pytest.mark.slow
 def test_finetune_learns_retrieval(tmp_path):
-    """Fine-tuning must move retrieval from the step-0 (untrained) model well above it and above chance."""
+    """80 fine-tuning steps from an untrained model must lift retrieval far above chance (the untrained model sits at
+    chance: measured RSUM 48.8 vs chance 48.9 on this set; after 80 steps ~140)."""
     root = build_synthetic(tmp_path / "data", image_size=32, samples_per_shard=64, train=128, val=32, test=64)
-    common = ["--config", RECIPE, "model.init=none", *_task_args(root), "data.image_size=32", "model.image_size=32",
-              "data.num_workers=0", "model.vision.kwargs.channels=[8,16,32,64]",
-              "model.text.config.num_hidden_layers=1", "model.embed_dim=32", "eval.splits=[test]"]  # fmt: skip
-    runs = {"step0": ["--eval-only"], "tuned": ["train.max_steps=80", "eval.every=80", "train.lr=1e-3",
-                                                 "train.checkpoint_every=0", "train.log_every=40"]}  # fmt: skip
-    rsum = {}
-    for name, extra in runs.items():
-        proc = subprocess.run(
-            [sys.executable, "-m", "finetune", *common, f"run.dir={tmp_path / name}", *extra],
-            cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300,
-        )  # fmt: skip
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        test = json.loads((tmp_path / name / "results.json").read_text())["splits"]["test"]
-        rsum[name] = test["rsum"]
-    # measured: step 0 48.8 (chance 48.9), after 80 steps ~140
-    assert rsum["step0"] < 1.5 * test["chance_rsum"]
-    assert rsum["tuned"] > 2 * test["chance_rsum"] and rsum["tuned"] > rsum["step0"] + 40, rsum
+    proc = subprocess.run(
+        [sys.executable, "-m", "finetune", "--config", RECIPE, "model.init=none", *_task_args(root),
+         "data.image_size=32", "model.image_size=32", "data.num_workers=0", "model.vision.kwargs.channels=[8,16,32,64]",
+         "model.text.config.num_hidden_layers=1", "model.embed_dim=32", f"run.dir={tmp_path / 'tuned'}",
+         "train.max_steps=80", "eval.every=80", "train.lr=1e-3", "train.checkpoint_every=0", "train.log_every=40"],
+        cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    test = json.loads((tmp_path / "tuned" / "results.json").read_text())["splits"]["test"]
+    assert test["num_images"] == 64 and test["chance_rsum"] == pytest.approx(48.95, abs=0.1)
+    assert test["rsum"] > 2 * test["chance_rsum"], test

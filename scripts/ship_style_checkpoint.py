@@ -65,9 +65,10 @@ def main() -> int:
     ck = load_style_checkpoint(args.src)
     # a frozen (predictor_train: head) Lite0 trunk equal to the package's is left out of the file and refilled on load
     trunk = {k: v for k, v in (ck["predictor"] or {}).items() if k.startswith("backbone.")}
-    packaged = (ck["meta"].get("predictor") == "efficientnet_lite0" and ck["meta"].get("predictor_train") == "head"
-                and trunk.keys() == packaged_trunk_state().keys()
-                and all(torch.equal(v, packaged_trunk_state()[k]) for k, v in trunk.items()))  # fmt: skip
+    packaged = ck["meta"].get("predictor") == "efficientnet_lite0" and ck["meta"].get("predictor_train") == "head"
+    if packaged:
+        reference = packaged_trunk_state()
+        packaged = trunk.keys() == reference.keys() and all(torch.equal(v, reference[k]) for k, v in trunk.items())
     print(f"predictor trunk: {'the packaged ImageNet Lite0, left out of the file' if packaged else 'stored'}")
     half = {  # the transformer in fp16; the predictor (head) stays fp32
         "transformer": {k: (v.half() if v.is_floating_point() else v) for k, v in ck["transformer"].items()},

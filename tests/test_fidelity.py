@@ -15,8 +15,9 @@ from data_prep.transforms import ColorAugment, train_transform
 from launch.config import load_config
 from pretrain.config import PretrainConfig
 from pretrain.models.albef import Albef, AlbefOptions
-from pretrain.models.encoders import TextOptions, VisionOptions, build_tokenizer, mlm_excluded_ids
+from pretrain.models.encoders import TextOptions, build_tokenizer, mlm_excluded_ids
 from pretrain.objectives import IGNORE, mask_tokens
+from tests.test_albef import tiny_options
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -34,23 +35,11 @@ def test_albef_and_tcl_recipes_tokenize_pretraining_captions_at_25(recipe):
     assert AlbefOptions().text.max_length == 25  # also the option's default
 
 
-def _tiny(**kw) -> AlbefOptions:
-    base = dict(
-        vision=VisionOptions(name="vit_tiny_patch16_224", kwargs={"depth": 1, "patch_size": 8}),
-        text=TextOptions(config={"num_hidden_layers": 2}),
-        image_size=16,
-        embed_dim=16,
-        queue_size=8,
-    )
-    base.update(kw)
-    return AlbefOptions(**base)
-
-
 def test_mlm_masking_excludes_only_pad_cls_and_the_appended_sep():
     tok = build_tokenizer("minilm")
     excluded = mlm_excluded_ids(tok, AlbefOptions().mlm_exclude)
     assert excluded == sorted({tok.pad_token_id, tok.cls_token_id, tok.sep_token_id})
-    assert Albef(_tiny()).special_ids == excluded  # what the model's MLM uses
+    assert Albef(tiny_options()).special_ids == excluded  # what the model's MLM uses
     row = [tok.cls_token_id, 2000, tok.unk_token_id, tok.mask_token_id, 2001, tok.sep_token_id, tok.pad_token_id]
     ids = torch.tensor([row])
     g = torch.Generator().manual_seed(0)
@@ -77,7 +66,7 @@ def test_mlm_head_starts_from_the_pretrained_bert_head(tmp_path):
     folder = tmp_path / "bert_mlm"
     bert.save_pretrained(folder)
     tok.save_pretrained(folder)
-    model = Albef(_tiny(text=TextOptions(name=str(folder), config={"num_hidden_layers": 2})))
+    model = Albef(tiny_options(text=TextOptions(name=str(folder), config={"num_hidden_layers": 2})))
     assert model.mlm_head_pretrained
     head = model.mlm_head.predictions
     torch.testing.assert_close(head.transform.dense.weight, bert.cls.predictions.transform.dense.weight)
@@ -87,7 +76,7 @@ def test_mlm_head_starts_from_the_pretrained_bert_head(tmp_path):
     # the momentum twin starts equal to the loaded head
     torch.testing.assert_close(model.mlm_head_m.predictions.transform.dense.weight, head.transform.dense.weight)
     # the offline minilm sentence encoder carries no MLM head: random init, reported as such
-    assert not Albef(_tiny()).mlm_head_pretrained
+    assert not Albef(tiny_options()).mlm_head_pretrained
 
 
 def _colourful(size: int = 24) -> Image.Image:

@@ -417,3 +417,32 @@ def test_queue_write_wraps_when_a_batch_size_change_unaligns_the_pointer():
     for value, n in ((1.0, 1), (2.0, 2), (3.0, 2)):
         q.enqueue(image=torch.full((n, 1), value))
     assert q.image_queue[:, 0].tolist() == [3, 2, 2, 3] and int(q.queue_ptr) == 1
+
+
+def test_text_pool_mean_hands_on_the_token_mean_as_cls_in_text_and_multimodal_modes():
+    # minilm (mean-pooled sentence-transformers tower): its [CLS] after 2 of its layers is one vector for every
+    # caption, which is why the CPU recipes set text_pool: mean (ALBEF's ITC and ITM read that position)
+    torch.manual_seed(0)
+    opts = dict(text=TextOptions(config={"num_hidden_layers": 3}), fusion_layer=2)
+    cls_model = Albef(tiny_options(**opts)).eval()
+    mean_model = Albef(tiny_options(**opts, text_pool="mean")).eval()
+    mean_model.load_state_dict(cls_model.state_dict())
+    tokens = cls_model.tokenize(TEXTS)
+    mask = tokens.attention_mask.float()
+    with torch.no_grad():
+        plain, _ = cls_model.encode_text(tokens)
+        pooled, feat = mean_model.encode_text(tokens)
+        hand = torch.stack([plain[i, : int(mask[i].sum())].mean(0) for i in range(len(TEXTS))])
+        assert torch.allclose(pooled[:, 0], hand, atol=1e-5)
+        assert torch.equal(pooled[:, 1:], plain[:, 1:])
+        assert torch.allclose(feat, F.normalize(mean_model.text_proj(hand), dim=-1), atol=1e-5)
+        cos = F.normalize(plain[:, 0], dim=-1) @ F.normalize(plain[:, 0], dim=-1).T
+        assert float(cos.min()) > 0.99  # the degenerate [CLS]
+        cos = F.normalize(hand, dim=-1) @ F.normalize(hand, dim=-1).T
+        assert float(cos.min()) < 0.95
+        # one pass through text + fusion layers equals text mode then fusion mode
+        images, _ = mean_model.encode_image(batch()["image"])
+        one = mean_model.text_encoder(tokens.input_ids, tokens.attention_mask, image_embeds=images)
+        two = mean_model.fuse(images, tokens)
+        assert torch.allclose(one, two, atol=1e-5)
+        assert not torch.allclose(one, cls_model.fuse(images, tokens), atol=1e-3)

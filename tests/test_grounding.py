@@ -83,18 +83,24 @@ def test_gradcam_on_a_constructed_case_finds_the_patch_that_raises_the_score():
     assert best_box(box_scores(heat, proposals)) == 1
 
 
-def test_albef_gradcam_runs_on_the_real_fusion_encoder_without_touching_parameter_grads():
+# A ViT tower (patch grid) and a CNN tower (ConvTokens: the feature map's grid, 2x2 at 64 px, 3x3 at 96 px).
+@pytest.mark.parametrize(
+    ("vision", "size", "grid"),
+    [({"name": "vit_tiny_patch16_224", "kwargs": {"depth": 1, "patch_size": 8}}, 32, (4, 4)),
+     ({"name": "efficientnet_lite0"}, 96, (3, 3))],
+)  # fmt: skip
+def test_albef_gradcam_runs_on_the_real_fusion_encoder_without_touching_parameter_grads(vision, size, grid):
     from finetune.tasks.grounding import fusion_gradcam
     from pretrain.models.albef import AlbefOptions, build
     from pretrain.models.encoders import TextOptions, VisionOptions
 
     torch.manual_seed(0)
-    opts = AlbefOptions(vision=VisionOptions(name="vit_tiny_patch16_224", kwargs={"depth": 1, "patch_size": 8}),
+    opts = AlbefOptions(vision=VisionOptions(**vision),
                         text=TextOptions(name="minilm", pretrained=False, config={"num_hidden_layers": 2}),
-                        image_size=32, fusion_layer=1, embed_dim=16, queue_size=8)  # fmt: skip
+                        image_size=size, fusion_layer=1, embed_dim=16, queue_size=8)  # fmt: skip
     model = build(opts).eval()
-    maps = fusion_gradcam(model, torch.randn(2, 3, 32, 32), ["a red circle", "the blue square"], layer=1)
-    assert maps.shape == (2, 4, 4) and bool(torch.isfinite(maps).all()) and bool((maps >= 0).all())
+    maps = fusion_gradcam(model, torch.randn(2, 3, size, size), ["a red circle", "the blue square"], layer=1)
+    assert maps.shape == (2, *grid) and bool(torch.isfinite(maps).all()) and bool((maps >= 0).all())
     assert float(maps.sum()) > 0
     assert all(p.grad is None for p in model.parameters())
     assert model.text_encoder.attention_maps == {}  # saving switched off again

@@ -54,6 +54,7 @@ from finetune.pairs import gather_objects
 from finetune.tasks import TaskOptions, register
 from finetune.tasks.retrieval import RetrievalModel, model_kind
 from launch.config import ConfigError, exists_field
+from pretrain.models.encoders import token_grid
 
 log = logging.getLogger("vlp.finetune.grounding")
 
@@ -223,10 +224,6 @@ def read_synthetic(root: str, split: str, max_words: int = 30) -> tuple[list[Ref
 
 
 # ============================================================================ localisation
-def _grid(vit: nn.Module) -> tuple[int, int]:
-    return tuple(int(g) for g in vit.patch_embed.grid_size)  # type: ignore[return-value]
-
-
 def fusion_gradcam(backbone: nn.Module, images: torch.Tensor, texts: list[str], layer: int) -> torch.Tensor:
     """ALBEF/TCL Grad-CAM maps ``[B, h, w]``: ITM positive logit w.r.t. fusion layer ``layer``'s cross-attention."""
     te = backbone.text_encoder
@@ -242,7 +239,7 @@ def fusion_gradcam(backbone: nn.Module, images: torch.Tensor, texts: list[str], 
     finally:
         te.set_save_attention(False)
     prefix = int(getattr(backbone.visual_encoder, "num_prefix_tokens", 1))
-    return gradcam_map(attention.detach(), grad, tokens.attention_mask, _grid(backbone.visual_encoder), prefix)
+    return gradcam_map(attention.detach(), grad, tokens.attention_mask, token_grid(backbone.visual_encoder), prefix)
 
 
 def vilt_gradcam(backbone: nn.Module, images: torch.Tensor, texts: list[str], layer: int) -> torch.Tensor:
@@ -258,7 +255,7 @@ def vilt_gradcam(backbone: nn.Module, images: torch.Tensor, texts: list[str], la
     vit = backbone.transformer
     prefix = int(getattr(vit, "num_prefix_tokens", 1))
     block = (slice(None), slice(None), slice(0, length), slice(length, None))
-    return gradcam_map(attention.detach()[block], grad[block], tokens["attention_mask"], _grid(vit), prefix)
+    return gradcam_map(attention.detach()[block], grad[block], tokens["attention_mask"], token_grid(vit), prefix)
 
 
 def clip_proposal_scores(backbone: nn.Module, image: Image.Image, boxes: Sequence[Sequence[float]], text: str,

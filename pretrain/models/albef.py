@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -82,6 +82,9 @@ class AlbefOptions(ModelOptions):
     mlm_exclude: list[str] = dataclasses.field(default_factory=lambda: ["pad", "cls", "sep"])
     tie_mlm_head: bool = True  # tie the MLM decoder to the word embeddings (BERT/ALBEF do; see docs/models.md)
     itm_skip_same_text: bool = True  # never draw a hard negative whose caption equals the anchor's (false negative)
+    # what the text layers hand on as [CLS]: "cls" (ALBEF, BERT) or "mean", the masked mean of the tokens, for
+    # mean-pooled sentence towers (minilm) whose intermediate [CLS] is the same vector for every caption
+    text_pool: Literal["cls", "mean"] = "cls"
 
     def validate(self, recipe: Any) -> None:
         ds = getattr(recipe, "deepspeed", None)
@@ -113,7 +116,7 @@ class Albef(nn.Module):
         self.visual_encoder = build_vision_encoder(opts.vision, opts.image_size, token_width=cfg.hidden_size)
         width = vision_width(self.visual_encoder)
         fusion_layer = cfg.num_hidden_layers // 2 if opts.fusion_layer is None else opts.fusion_layer
-        self.text_encoder = FusionBert(cfg, fusion_layer, encoder_width=width)
+        self.text_encoder = FusionBert(cfg, fusion_layer, encoder_width=width, text_pool=opts.text_pool)
         if opts.text.pretrained:
             self.text_encoder.load_text_weights(build_text_encoder(opts.text).state_dict())
         hidden = cfg.hidden_size

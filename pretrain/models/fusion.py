@@ -46,7 +46,6 @@ def extended_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return (1.0 - mask) * torch.finfo(dtype).min
 
 
-
 def bert_init_weights(module: nn.Module, std: float) -> None:
     """BERT's initialisation (normal(0, std), padding row 0, LayerNorm 1/0); pretrained weights load over it."""
     if isinstance(module, nn.Linear):
@@ -62,14 +61,22 @@ def bert_init_weights(module: nn.Module, std: float) -> None:
         nn.init.ones_(module.weight)
         nn.init.zeros_(module.bias)
 
+
 class FusionBert(nn.Module):
     """BERT whose layers from ``fusion_layer`` on cross-attend to image tokens (ALBEF's text/fusion encoder)."""
 
-    def __init__(self, config: BertConfig, fusion_layer: int, encoder_width: int) -> None:
+    def __init__(self, config: BertConfig, fusion_layer: int, encoder_width: int, text_pool: str = "cls") -> None:
         super().__init__()
         num_layers = config.num_hidden_layers
         if not 0 <= fusion_layer <= num_layers:
             raise ValueError(f"fusion_layer={fusion_layer}: must be in [0, num_hidden_layers={num_layers}]")
+        if text_pool not in ("cls", "mean"):
+            raise ValueError(f"text_pool must be cls or mean, got {text_pool!r}")
+        # "mean": the text layers' [CLS] output is replaced by the masked mean of the tokens before anyone reads it
+        # (the contrastive feature, and the fusion layers' [CLS] input). Sentence-transformers towers such as
+        # minilm were trained with mean pooling and their intermediate [CLS] carries no sentence: its cosine
+        # across different captions is 1.000 after 2 and 4 of minilm's layers (docs/models.md)
+        self.text_pool = text_pool
         self.config = config
         self.fusion_layer = fusion_layer
         self.encoder_width = encoder_width
@@ -203,6 +210,8 @@ class FusionBert(nn.Module):
             images, image_masks = self._image_sets(image_embeds, image_atts, dtype, pair_mode)
 
         for i in range(start, stop):
+            if i == self.fusion_layer and mode == "multimodal":
+                hidden_states = self.summarise(hidden_states, attention_mask)
             layer = self.encoder.layer[i]
             if i < self.fusion_layer:
                 hidden_states = layer(hidden_states, self_mask)
@@ -211,7 +220,17 @@ class FusionBert(nn.Module):
                 hidden_states = layer(
                     hidden_states, self_mask, encoder_hidden_states=images[k], encoder_attention_mask=image_masks[k]
                 )
+        if mode == "text":
+            hidden_states = self.summarise(hidden_states, attention_mask)
         return hidden_states
+
+    def summarise(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The text layers' output with position 0 set by ``text_pool`` (unchanged for ``cls``)."""
+        if self.text_pool == "cls":
+            return hidden_states
+        weights = attention_mask.to(hidden_states.dtype).unsqueeze(-1)
+        mean = (hidden_states * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+        return torch.cat([mean.unsqueeze(1), hidden_states[:, 1:]], dim=1)
 
     def _image_sets(
         self,

@@ -1,14 +1,21 @@
 """URL ingestion end to end: our CC3M build against img2dataset on the same loopback HTTP server, interleaved.
 
 A server process on 127.0.0.1 serves ``--num`` photo-like JPEGs (``--size``² px), 5 URLs answering 404 and one
-answering text. Each round runs, in turn and for each ``--threads`` value: ``python -m data_prep build`` (cc3m
-recipe, ``workers`` processes, ``download.threads`` = ``download.per_host`` = T) and, when installed in its own
-venv, ``img2dataset`` (``processes_count`` processes, ``thread_count`` = T), both to ``--image-size`` keep-ratio
-webdataset shards. Anchor: the bare decode+resize+encode loop on the same bytes in ``workers`` processes at once
-(the CPU limit, no network and no server). Rows report the whole command's wall time (start-up included); best of
-``--rounds`` interleaved rounds per row, and the load average beside each.
+answering text, over HTTP/1.0 (a new connection per image), or HTTP/1.1 with keep-alive (``--keep-alive``). Each
+round runs, in turn and for each ``--threads`` value: ``python -m data_prep build`` (cc3m recipe, ``workers``
+processes, ``download.threads`` = ``download.per_host`` = T) and, when installed in its own venv, ``img2dataset``
+(``processes_count`` processes, ``thread_count`` = T), both to ``--image-size`` keep-ratio webdataset shards.
+Anchor: the bare decode+resize+encode loop on the same bytes in ``workers`` processes at once (the CPU limit, no
+network and no server). Rows report the whole command's wall time and CPU (start-up included: the default 10,000
+images amortise it); best of ``--rounds`` interleaved rounds per row, and the load average beside each.
 
-    .venv/bin/python bench/download.py [--num 2000] [--threads 4,16] [--rounds 2] [--i2d /work/venv-i2d/bin/img2dataset]
+    .venv/bin/python bench/download.py [--num 10000] [--threads 4,16] [--rounds 2] [--keep-alive]
+                                       [--i2d /work/venv-i2d/bin/img2dataset]
+    .venv/bin/python bench/download.py --profile [--num 3000] [--threads 4] [--keep-alive]
+
+``--profile`` instead runs one build in this process (``workers=0``, the first ``--threads`` value) and splits its
+CPU per image by component, thread CPU time (robust to other load): decode+resize+encode, HTTP fetch, tar writing,
+the rest of the download threads and of the main thread; plus the start-up CPU of the real command.
 
 img2dataset is never a dependency of the project: install it in a separate venv
 (``python3 -m venv /work/venv-i2d && /work/venv-i2d/bin/pip install img2dataset``) or leave it out.
@@ -29,6 +36,7 @@ import tempfile
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -52,12 +60,27 @@ def make_jpegs(count: int, size: int) -> list[bytes]:
     return out
 
 
-def serve(port_q: mp.Queue, stop: mp.Event, num_distinct: int, size: int, delay: float, backlog: int = 1024) -> None:
-    """The loopback server (its own process): /img/<i>.jpg, /missing/<i> (404), /text (not an image)."""
+def serve(
+    port_q: mp.Queue,
+    stop: mp.Event,
+    num_distinct: int,
+    size: int,
+    delay: float,
+    backlog: int = 1024,
+    keep_alive: bool = False,
+) -> None:
+    """The loopback server (its own process): /img/<i>.jpg, /missing/<i> (404), /text (not an image).
+
+    HTTP/1.0 (a new connection per request: the costliest case, and all img2dataset's client ever makes), or
+    HTTP/1.1 with keep-alive when ``keep_alive`` (as web servers commonly allow; our client reuses connections).
+    """
     images = make_jpegs(num_distinct, size)
 
     class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.0"
+        protocol_version = "HTTP/1.1" if keep_alive else "HTTP/1.0"
+        # headers and body go out in two writes: with Nagle on, a kept-alive connection waits for the client's
+        # delayed ACK (40 ms) before the body's last segment; web servers set TCP_NODELAY too
+        disable_nagle_algorithm = keep_alive
 
         def log_message(self, *args):  # noqa: ANN002 - quiet
             pass
@@ -138,11 +161,13 @@ def load() -> str:
     return f"{os.getloadavg()[0]:.1f}"
 
 
-def run_ours(tsv: str, out: str, image_size: int, workers: int, threads: int) -> tuple[float, float, int, float]:
+def run_ours(
+    tsv: str, out: str, image_size: int, workers: int, threads: int, per_shard: int = 500
+) -> tuple[float, float, int, float]:
     shutil.rmtree(out, ignore_errors=True)
     cmd = [
         sys.executable, "-m", "data_prep", "build", "source.format=cc3m", f"source.tsv={tsv}", f"out.dir={out}",
-        f"out.image_size={image_size}", "out.samples_per_shard=500", f"workers={workers}", "progress=false",
+        f"out.image_size={image_size}", f"out.samples_per_shard={per_shard}", f"workers={workers}", "progress=false",
         f"download.threads={threads}", f"download.per_host={threads}", "download.retries=0", "download.timeout=10",
     ]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
@@ -181,9 +206,109 @@ def run_i2d(
     return dt, cpu, ok, stats_rate(out)
 
 
+def write_tsv(path: str, base: str, num: int, extras: bool = True) -> None:
+    """``num`` image URLs, then (``extras``) 5 answering 404 and one answering text."""
+    with open(path, "w") as fh:
+        fh.write("caption\turl\n")
+        for i in range(num):
+            fh.write(f"picture number {i}\t{base}/img/{i}.jpg\n")
+        if extras:
+            for i in range(5):
+                fh.write(f"gone {i}\t{base}/missing/{i}\n")
+            fh.write(f"not an image\t{base}/text\n")
+
+
+def profile(base: str, tmp: str, images: list[bytes], args: argparse.Namespace) -> None:
+    """One in-process build with thread CPU time per component (see the module doc), and the command's start-up."""
+    import data_prep.download as dl_mod
+    import data_prep.shards as shards_mod
+    from data_prep.build import BuildConfig, run_build
+    from launch.config import load_config
+
+    threads = int(args.threads.split(",")[0])
+    spent: dict[str, float] = {"process": 0.0, "fetch": 0.0, "write": 0.0, "dl threads": 0.0}
+    lock = threading.Lock()
+
+    def timed(key: str, fn):  # noqa: ANN001, ANN202 - a local wrapper
+        def wrapper(*a, **k):  # noqa: ANN002, ANN003, ANN202
+            c0 = time.thread_time()
+            try:
+                return fn(*a, **k)
+            finally:
+                with lock:
+                    spent[key] += time.thread_time() - c0
+
+        return wrapper
+
+    real_run = threading.Thread.run
+
+    def thread_run(self: threading.Thread) -> None:  # every download thread's whole CPU
+        if not self.name.startswith("dl_"):
+            return real_run(self)
+        timed("dl threads", real_run)(self)
+
+    tsv, warm_tsv = os.path.join(tmp, "profile.tsv"), os.path.join(tmp, "warm.tsv")
+    write_tsv(tsv, base, args.num, extras=False)
+    write_tsv(warm_tsv, base, min(200, args.num), extras=False)
+
+    def build(out: str, tsv: str = tsv) -> Any:
+        cfg = load_config(BuildConfig, None, [
+            "source.format=cc3m", f"source.tsv={tsv}", f"out.dir={out}", f"out.image_size={args.image_size}",
+            "out.samples_per_shard=500", "workers=0", "progress=false", f"download.threads={threads}",
+            f"download.per_host={threads}", "download.retries=0", "download.timeout=10",
+        ])  # fmt: skip
+        return run_build(cfg)
+
+    build(os.path.join(tmp, "warm"), warm_tsv)  # lazy imports and first calls
+    patches = [
+        (threading.Thread, "run", thread_run),
+        (shards_mod, "process_image", timed("process", shards_mod.process_image)),
+        (dl_mod.Downloader, "fetch", timed("fetch", dl_mod.Downloader.fetch)),
+        (shards_mod.ShardWriter, "write", timed("write", shards_mod.ShardWriter.write)),
+    ]
+    saved = [(obj, name, getattr(obj, name)) for obj, name, _ in patches]
+    for obj, name, new in patches:
+        setattr(obj, name, new)
+    try:
+        c0, m0 = time.process_time(), time.thread_time()
+        n = build(os.path.join(tmp, "profiled")).samples
+        total, main_cpu = time.process_time() - c0, time.thread_time() - m0
+    finally:
+        for obj, name, old in saved:
+            setattr(obj, name, old)
+    c0 = time.process_time()
+    for data in images * 8:
+        process_image(data, args.image_size, "keep_ratio", 95)
+    bare = (time.process_time() - c0) / (8 * len(images))
+
+    start_tsv = os.path.join(tmp, "startup.tsv")
+    write_tsv(start_tsv, base, args.workers, extras=False)
+    _, start_cpu, _, _ = run_ours(start_tsv, os.path.join(tmp, "startup"), args.image_size, args.workers, threads, 1)
+
+    ms = 1e3 / n
+    rows = [
+        ("decode+resize+encode (process_image)", spent["process"], f"bare loop here: {bare * 1e3:.3f}"),
+        ("HTTP fetch (Downloader.fetch)", spent["fetch"], "keep-alive" if args.keep_alive else "HTTP/1.0"),
+        ("download threads, rest", spent["dl threads"] - spent["process"] - spent["fetch"], "hand-off, queue"),
+        ("tar writing (ShardWriter.write)", spent["write"], "main thread"),
+        ("main thread, rest", main_cpu - spent["write"], "TSV, fingerprint, ordering, sample json"),
+        ("other threads", total - main_cpu - spent["dl threads"], ""),
+    ]
+    print(f"\nprofile: one in-process build (workers=0, {threads} threads), {n} images; CPU ms per image")
+    for label, sec, note in rows:
+        print(f"  {label:<40} {sec * ms:7.3f}  {note}")
+    print(
+        f"  {'total (process CPU)':<40} {total * ms:7.3f}  = {bare / (total / n):.0%} of the bare loop's images/CPU-s"
+    )
+    print(
+        f"start-up of the command (python -m data_prep build, workers={args.workers}, {args.workers} images): "
+        f"{start_cpu:.3f} CPU-s = {start_cpu * 1e3 / args.num:.3f} ms per image at --num {args.num}"
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--num", type=int, default=2000)
+    ap.add_argument("--num", type=int, default=10000, help="images per build (large: start-up is amortised)")
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--image-size", type=int, default=256)
     ap.add_argument("--workers", type=int, default=2)
@@ -192,6 +317,8 @@ def main() -> None:
     ap.add_argument("--delay", type=float, default=0.0, help="seconds the server waits before each answer")
     ap.add_argument("--backlog", type=int, default=1024, help="the server's listen() backlog (Python's default: 5)")
     ap.add_argument("--i2d", default="/work/venv-i2d/bin/img2dataset", help="img2dataset executable ('' = skip)")
+    ap.add_argument("--keep-alive", action="store_true", help="the server speaks HTTP/1.1 and keeps connections")
+    ap.add_argument("--profile", action="store_true", help="CPU per image by component of one in-process build")
     args = ap.parse_args()
     threads = [int(t) for t in args.threads.split(",") if t.strip()]
     have_i2d = bool(args.i2d) and os.path.exists(args.i2d)
@@ -199,24 +326,23 @@ def main() -> None:
     ctx = mp.get_context("spawn")
     port_q, stop = ctx.Queue(), ctx.Event()
     distinct = 64
-    server = ctx.Process(target=serve, args=(port_q, stop, distinct, args.size, args.delay, args.backlog), daemon=True)
+    server = ctx.Process(
+        target=serve, args=(port_q, stop, distinct, args.size, args.delay, args.backlog, args.keep_alive), daemon=True
+    )
     server.start()
     try:
         port = port_q.get(timeout=60)
         base = f"http://127.0.0.1:{port}"
-        tsv = os.path.join(tmp, "urls.tsv")
-        with open(tsv, "w") as fh:
-            fh.write("caption\turl\n")
-            for i in range(args.num):
-                fh.write(f"picture number {i}\t{base}/img/{i}.jpg\n")
-            for i in range(5):
-                fh.write(f"gone {i}\t{base}/missing/{i}\n")
-            fh.write(f"not an image\t{base}/text\n")
         images = make_jpegs(distinct, args.size)
+        if args.profile:
+            profile(base, tmp, images, args)
+            return
+        tsv = os.path.join(tmp, "urls.tsv")
+        write_tsv(tsv, base, args.num)
         kb = sum(len(b) for b in images) / len(images) / 1e3
         print(
             f"{args.num} x {args.size}² JPEGs (~{kb:.0f} KB) + 5 x 404 + 1 text from 127.0.0.1 (delay {args.delay}s,"
-            f" backlog {args.backlog})"
+            f" backlog {args.backlog}, {'HTTP/1.1 keep-alive' if args.keep_alive else 'HTTP/1.0'})"
             f" -> {args.image_size} keep_ratio, {args.workers} processes; {os.cpu_count()} CPUs; best of"
             f" {args.rounds} interleaved rounds; img2dataset: {'yes' if have_i2d else 'not installed'}"
         )

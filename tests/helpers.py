@@ -50,3 +50,14 @@ def read_metrics(run_dir: Path) -> list[dict]:
     """The rows of a run's metrics.jsonl in file order (blank lines, e.g. while a run is writing, are skipped)."""
     lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
     return [json.loads(x) for x in lines if x.strip()]
+
+
+def download_reason(downloader, url: str) -> str:  # noqa: ANN001 - a data_prep.download.Downloader
+    """The ``reason`` of the DownloadError that fetching ``url`` raises (fails the test if it does not raise)."""
+    import pytest
+
+    from data_prep.download import DownloadError
+
+    with pytest.raises(DownloadError) as info:
+        downloader.fetch(url)
+    return info.value.reason

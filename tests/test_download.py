@@ -11,10 +11,11 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from helpers import download_reason
 from PIL import Image
 
 from data_prep.build import BuildConfig, run_build
-from data_prep.download import Downloader, DownloadError, DownloadOptions, find_cached, local_name
+from data_prep.download import Downloader, DownloadOptions, find_cached, local_name
 from data_prep.shards import write_shards
 from data_prep.sources.base import Record
 from launch.config import load_config
@@ -121,40 +122,34 @@ def _opts(**kw) -> DownloadOptions:
     return DownloadOptions(**base)
 
 
-def _reason(dl: Downloader, url: str) -> str:
-    with pytest.raises(DownloadError) as info:
-        dl.fetch(url)
-    return info.value.reason
-
-
 def test_fetch_outcomes(server):
     base, _ = server
     dl = Downloader(_opts())
     img = Image.open(io.BytesIO(dl.fetch(f"{base}/img/a.jpg")))
     assert img.size == (48, 40)
     assert Image.open(io.BytesIO(dl.fetch(f"{base}/png-as-text"))).format == "PNG"
-    assert _reason(dl, f"{base}/missing") == "http 404"
+    assert download_reason(dl, f"{base}/missing") == "http 404"
     t0 = time.monotonic()
-    assert _reason(dl, f"{base}/slow") == "timeout"
+    assert download_reason(dl, f"{base}/slow") == "timeout"
     assert time.monotonic() - t0 < 1.4  # gave up at the timeout, did not wait for the server
-    assert _reason(dl, f"{base}/big") == "too large"
-    assert _reason(dl, f"{base}/big-no-length") == "too large"  # cap enforced while reading, not only by header
-    assert _reason(dl, f"{base}/redirect-ftp") == "unsupported scheme"
-    assert _reason(dl, "file:///etc/passwd") == "unsupported scheme"
-    assert _reason(dl, "ftp://127.0.0.1/x.jpg") == "unsupported scheme"
-    assert _reason(dl, "http://127.0.0.1:1/x.jpg") == "connection error"
+    assert download_reason(dl, f"{base}/big") == "too large"
+    assert download_reason(dl, f"{base}/big-no-length") == "too large"  # cap enforced while reading, not only by header
+    assert download_reason(dl, f"{base}/redirect-ftp") == "unsupported scheme"
+    assert download_reason(dl, "file:///etc/passwd") == "unsupported scheme"
+    assert download_reason(dl, "ftp://127.0.0.1/x.jpg") == "unsupported scheme"
+    assert download_reason(dl, "http://127.0.0.1:1/x.jpg") == "connection error"
     # corrupt bytes download fine: they are rejected later by decoding (see the cc3m build test)
     assert len(dl.fetch(f"{base}/corrupt")) == 3000
 
 
 def test_retries_transient_errors_only(server):
     base, state = server
-    assert _reason(Downloader(_opts(retries=0)), f"{base}/flaky") == "http 503"
+    assert download_reason(Downloader(_opts(retries=0)), f"{base}/flaky") == "http 503"
     state.hits.pop("/flaky", None)
     assert Image.open(io.BytesIO(Downloader(_opts(retries=2)).fetch(f"{base}/flaky"))).size == (48, 40)
     assert state.hits["/flaky"] == 2
     state.hits.pop("/missing-r", None)
-    assert _reason(Downloader(_opts(retries=3)), f"{base}/missing-r") == "http 404"
+    assert download_reason(Downloader(_opts(retries=3)), f"{base}/missing-r") == "http 404"
     assert state.hits["/missing-r"] == 1  # a 404 is final, never retried
 
 

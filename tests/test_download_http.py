@@ -15,9 +15,10 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from helpers import download_reason
 
 import data_prep.download as download
-from data_prep.download import MAX_REDIRECTS, Downloader, DownloadError, DownloadOptions
+from data_prep.download import MAX_REDIRECTS, Downloader, DownloadOptions
 
 
 def _body(path: str, size: int = 3000) -> bytes:
@@ -158,12 +159,6 @@ def _opts(**kw) -> DownloadOptions:
     return DownloadOptions(**base)
 
 
-def _reason(dl: Downloader, url: str) -> str:
-    with pytest.raises(DownloadError) as info:
-        dl.fetch(url)
-    return info.value.reason
-
-
 def _new_ports(state: _State, before: int) -> list[int]:
     with state.lock:
         return state.ports[before:]
@@ -175,37 +170,37 @@ def test_redirects_followed_within_the_limit(server):
         assert dl.fetch(f"{base}/chain/{MAX_REDIRECTS - 1}") == _body("/img/end-of-chain")  # 10 redirects
         assert dl.fetch(f"{base}/relative") == _body("/img/relative-target")  # resolved against the request URL
         state.hits.pop("/loop", None)
-        assert _reason(dl, f"{base}/loop") == "http 302"
+        assert download_reason(dl, f"{base}/loop") == "http 302"
         assert state.hits["/loop"] == MAX_REDIRECTS + 1  # gave up after the limit, did not spin
-        assert _reason(dl, f"{base}/chain/{MAX_REDIRECTS}") == "http 302"
-        assert _reason(dl, f"{base}/redirect-no-location") == "http 302"
+        assert download_reason(dl, f"{base}/chain/{MAX_REDIRECTS}") == "http 302"
+        assert download_reason(dl, f"{base}/redirect-no-location") == "http 302"
 
 
 def test_redirects_to_other_schemes_refused(server):
     base, _ = server
     with Downloader(_opts()) as dl:
-        assert _reason(dl, f"{base}/redirect-file") == "unsupported scheme"
-        assert _reason(dl, f"{base}/redirect-data") == "unsupported scheme"
+        assert download_reason(dl, f"{base}/redirect-file") == "unsupported scheme"
+        assert download_reason(dl, f"{base}/redirect-data") == "unsupported scheme"
 
 
 def test_size_cap_with_and_without_content_length(server):
     base, state = server
     with Downloader(_opts(max_bytes=100_000)) as dl:
         assert len(dl.fetch(f"{base}/size/100000")) == 100_000  # the cap itself is allowed
-        assert _reason(dl, f"{base}/size/100001") == "too large"  # refused from Content-Length
+        assert download_reason(dl, f"{base}/size/100001") == "too large"  # refused from Content-Length
         assert len(dl.fetch(f"{base}/size-eof/100000")) == 100_000
-        assert _reason(dl, f"{base}/size-eof/100001") == "too large"  # counted while reading
-        assert _reason(dl, f"{base}/size/20000000") == "too large"
+        assert download_reason(dl, f"{base}/size-eof/100001") == "too large"  # counted while reading
+        assert download_reason(dl, f"{base}/size/20000000") == "too large"
     with Downloader(_opts(max_bytes=4000)) as dl:
-        assert _reason(dl, f"{base}/chunked") == "too large"  # chunked bodies are counted too
+        assert download_reason(dl, f"{base}/chunked") == "too large"  # chunked bodies are counted too
 
 
 def test_truncated_body_and_trickle_fail(server):
     base, _ = server
     with Downloader(_opts(timeout=0.5)) as dl:
-        assert _reason(dl, f"{base}/truncated") == "connection error"  # never a short image
+        assert download_reason(dl, f"{base}/truncated") == "connection error"  # never a short image
         # each byte comes within the socket timeout: only the deadline of the whole attempt stops it
-        assert _reason(dl, f"{base}/trickle") == "timeout"
+        assert download_reason(dl, f"{base}/trickle") == "timeout"
 
 
 def test_keep_alive_reuses_one_connection_with_correct_bodies(server):
@@ -228,7 +223,7 @@ def test_keep_alive_never_reuses_a_connection_with_unread_bytes(server):
     before = len(state.ports)
     with Downloader(_opts()) as dl:
         assert dl.fetch(f"{base}/img/a") == _body("/img/a")
-        assert _reason(dl, f"{base}/missing") == "http 404"  # its body is never read: the connection goes
+        assert download_reason(dl, f"{base}/missing") == "http 404"  # its body is never read: the connection goes
         assert dl.fetch(f"{base}/img/b") == _body("/img/b")
         assert dl.fetch(f"{base}/connection-close") == _body("/connection-close")
         assert dl.fetch(f"{base}/img/c") == _body("/img/c")
@@ -277,9 +272,9 @@ def test_request_target_is_percent_encoded(server):
 
 def test_bad_urls():
     dl = Downloader(_opts())
-    assert _reason(dl, "http://127.0.0.1:99999/x.jpg") == "bad url"
-    assert _reason(dl, "http:///x.jpg") == "bad url"
-    assert _reason(dl, "gopher://127.0.0.1/x.jpg") == "unsupported scheme"
+    assert download_reason(dl, "http://127.0.0.1:99999/x.jpg") == "bad url"
+    assert download_reason(dl, "http:///x.jpg") == "bad url"
+    assert download_reason(dl, "gopher://127.0.0.1/x.jpg") == "unsupported scheme"
 
 
 def test_proxy_from_the_environment_is_used(server, monkeypatch):
@@ -294,7 +289,7 @@ def test_proxy_from_the_environment_is_used(server, monkeypatch):
     assert state.hits[url] == 1
     monkeypatch.setenv("no_proxy", "proxied.invalid")
     with Downloader(_opts()) as dl:
-        assert _reason(dl, url) == "connection error"  # bypassed: straight to a host that does not resolve
+        assert download_reason(dl, url) == "connection error"  # bypassed: straight to a host that does not resolve
 
 
 @pytest.fixture(scope="module")
@@ -319,7 +314,7 @@ def tls_server(tmp_path_factory):
 def test_https_verifies_certificates(tls_server, monkeypatch):
     base, state, cert = tls_server
     with Downloader(_opts()) as dl:
-        assert _reason(dl, f"{base}/img/tls.jpg") == "connection error"  # self-signed: refused
+        assert download_reason(dl, f"{base}/img/tls.jpg") == "connection error"  # self-signed: refused
     assert "/img/tls.jpg" not in state.hits
     trusting = ssl.create_default_context(cafile=cert)
     monkeypatch.setattr(download.Downloader, "_ssl_context", lambda self: trusting)
@@ -350,7 +345,7 @@ def test_stale_detection_does_not_resend_on_a_fresh_connection():
     thread.start()
     try:
         dl = Downloader(_opts(timeout=1.0))
-        assert _reason(dl, f"http://127.0.0.1:{listener.getsockname()[1]}/x.jpg") == "connection error"
+        assert download_reason(dl, f"http://127.0.0.1:{listener.getsockname()[1]}/x.jpg") == "connection error"
         assert len(accepted) == 1
     finally:
         listener.close()

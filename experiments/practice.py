@@ -48,6 +48,8 @@ def verdict(entry: dict[str, Any]) -> str:
 def section(spec: ExperimentSpec, data: dict[str, Any]) -> list[str]:
     ctrl = control_factor(spec)
     lines = [f"## {spec.name}", "", f"*Claim tested:* {spec.claim}", ""]
+    if spec.description:  # a recommendation holds for the setting it was measured in, so say which
+        lines += [f"*Measured in this setting:* {spec.description.strip()}", ""]
     if ctrl is None:
         return lines + [metric_table(spec, data, m) for m in spec.metrics] + [""]
     for metric in spec.metrics:

@@ -15,7 +15,8 @@ images amortise it); best of ``--rounds`` interleaved rounds per row, and the lo
 
 ``--profile`` instead runs one build in this process (``workers=0``, the first ``--threads`` value) and splits its
 CPU per image by component, thread CPU time (robust to other load): decode+resize+encode, HTTP fetch, tar writing,
-the rest of the download threads and of the main thread; plus the start-up CPU of the real command.
+the rest of the download threads and of the main thread; then the same requests fetched alone (a raw-socket floor
+and the project's client, one at a time, no decoding); plus the start-up CPU of the real command.
 
 img2dataset is never a dependency of the project: install it in a separate venv
 (``python3 -m venv /work/venv-i2d && /work/venv-i2d/bin/pip install img2dataset``) or leave it out.
@@ -218,6 +219,62 @@ def write_tsv(path: str, base: str, num: int, extras: bool = True) -> None:
             fh.write(f"not an image\t{base}/text\n")
 
 
+def _thread_cpu() -> tuple[float, float]:
+    r = resource.getrusage(resource.RUSAGE_THREAD)
+    return r.ru_utime, r.ru_stime
+
+
+def fetch_floors(base: str, n: int, keep_alive: bool) -> list[tuple[str, float, float]]:
+    """(label, user ms, sys ms) per image of fetching alone, one request at a time in this thread (no decoding).
+
+    The raw row is the least a Python client can do: a blocking socket (reused with keep-alive), one ``sendall``,
+    ``recv_into`` a preallocated buffer, the body sliced out; no URL parsing, safety checks or timeouts. The
+    Downloader row is the project's client doing the same requests. Both run without other threads, so the
+    difference to the in-build figure is what concurrency (GIL hand-overs, cold caches after each decode) adds.
+    """
+    import socket
+
+    from data_prep.download import Downloader, DownloadOptions
+
+    host, port = base.rsplit("//", 1)[1].split(":")
+    buf = bytearray(1 << 21)
+    view = memoryview(buf)
+
+    def raw_get(sock: socket.socket, i: int) -> bytes:
+        sock.sendall(f"GET /img/{i}.jpg HTTP/1.1\r\nHost: {host}\r\n\r\n".encode("ascii"))
+        got = 0
+        while (end := buf.find(b"\r\n\r\n", 0, got)) < 0:
+            got += sock.recv_into(view[got:])
+        at = buf.find(b"Content-Length: ", 0, end) + 16
+        need = end + 4 + int(buf[at : buf.find(b"\r\n", at)])
+        while got < need:
+            got += sock.recv_into(view[got:])
+        return bytes(view[end + 4 : need])
+
+    rows = []
+    sock = socket.create_connection((host, int(port))) if keep_alive else None
+    u0, s0 = _thread_cpu()
+    for i in range(n):
+        if not keep_alive:
+            sock = socket.create_connection((host, int(port)))
+        raw_get(sock, i)
+        if not keep_alive:
+            sock.close()
+    u1, s1 = _thread_cpu()
+    if sock is not None:
+        sock.close()
+    rows.append(("raw socket, one request at a time", (u1 - u0) * 1e3 / n, (s1 - s0) * 1e3 / n))
+    with Downloader(DownloadOptions(threads=1, per_host=1, retries=0, timeout=10)) as dl:
+        urls = [f"{base}/img/{i}.jpg" for i in range(n)]
+        dl.fetch(urls[0])
+        u0, s0 = _thread_cpu()
+        for url in urls:
+            dl.fetch(url)
+        u1, s1 = _thread_cpu()
+    rows.append(("Downloader.fetch, one request at a time", (u1 - u0) * 1e3 / n, (s1 - s0) * 1e3 / n))
+    return rows
+
+
 def profile(base: str, tmp: str, images: list[bytes], args: argparse.Namespace) -> None:
     """One in-process build with thread CPU time per component (see the module doc), and the command's start-up."""
     import data_prep.download as dl_mod
@@ -300,6 +357,9 @@ def profile(base: str, tmp: str, images: list[bytes], args: argparse.Namespace) 
     print(
         f"  {'total (process CPU)':<40} {total * ms:7.3f}  = {bare / (total / n):.0%} of the bare loop's images/CPU-s"
     )
+    print("fetch alone, no build around it (user + sys CPU ms per image):")
+    for label, user, sys_ in fetch_floors(base, n, args.keep_alive):
+        print(f"  {label:<40} {user + sys_:7.3f}  user {user:.3f}, sys {sys_:.3f}")
     print(
         f"start-up of the command (python -m data_prep build, workers={args.workers}, {args.workers} images): "
         f"{start_cpu:.3f} CPU-s = {start_cpu * 1e3 / args.num:.3f} ms per image at --num {args.num}"

@@ -11,7 +11,9 @@ each evaluation (``-m finetune``, ``--eval-only`` or a fine-tuning run). Every s
 
 A stage that finished writes ``stage.json`` (its command); a rerun skips it, and refuses, naming the folder, when
 the recipe now asks for a different command there. An interrupted training stage resumes from its checkpoint
-(the engine's ``train.resume: latest``).
+(the engine's ``train.resume: latest``). With ``keep_checkpoints: false`` a run's checkpoint folders are deleted
+once all its stages are done (also on a rerun over finished runs), where a ``.safetensors`` copy of the weights
+stays beside them: a sweep of many runs otherwise keeps every run's optimizer states.
 """
 
 from __future__ import annotations
@@ -330,9 +332,28 @@ def run(spec: ExperimentSpec, only_arms: Sequence[str] = (), dry_run: bool = Fal
     return [json.loads((run_dir(spec, a, s) / METRICS_NAME).read_text()) for a, s in plan]
 
 
+def drop_checkpoints(root: Path) -> int:
+    """Delete ``checkpoints/`` of every finished stage under ``root`` that keeps a ``.safetensors`` copy of its
+    weights (an export, a best model); returns the bytes freed. Stages without such a copy keep theirs."""
+    import shutil
+
+    freed = 0
+    for ckpts in sorted(root.glob("*/checkpoints")):
+        stage = ckpts.parent
+        if not (stage / STAGE_RECORD).is_file() or not any(stage.glob("*.safetensors")):
+            continue
+        size = sum(f.stat().st_size for f in ckpts.rglob("*") if f.is_file())
+        shutil.rmtree(ckpts)
+        freed += size
+        print(f"dropped {ckpts} ({size / 2**20:.0f} MiB; keep_checkpoints: false)", flush=True)
+    return freed
+
+
 def _record(spec: ExperimentSpec, arm: Arm, seed: int, seconds: float | None) -> dict[str, Any]:
     """Read one finished run's metrics, keep them in its ``metrics.json`` and print them."""
     metrics = read_metrics(spec, arm, seed)
+    if not spec.keep_checkpoints:
+        drop_checkpoints(run_dir(spec, arm, seed))
     path = run_dir(spec, arm, seed) / METRICS_NAME
     row: dict[str, Any] = {"arm": arm.name, "label": arm.label, "seed": seed, "metrics": metrics}
     if seconds is not None or not path.is_file():

@@ -182,10 +182,8 @@ def load_run(run: Path, recipe: str, overrides: Sequence[str]) -> tuple[Any, Any
 
     if not run.is_dir():
         raise ConfigError(f"run: {run} is not a run folder")
-    # a fine-tune run's best weights, else the run's latest checkpoint, else its safetensors export
+    # a fine-tune run's best weights, else the run's latest checkpoint, else its export (load_state's rule)
     init = run / BEST if (run / BEST).is_file() else run
-    if init == run and not (run / "checkpoints").is_dir() and (run / "export.safetensors").is_file():
-        init = run / "export.safetensors"
     name = _run_model_name(run)
     # the whole model section from the run (fine-tuning inherits every key a recipe leaves out from model.init)
     model = f"model={json.dumps({'name': name, 'init': str(run)})}" if name else f"model.init={run}"

@@ -3,7 +3,9 @@
 ``model.init`` may name
 
 * a pretrain ``run.dir``: its ``export.safetensors`` is *not* used; the newest DeepSpeed checkpoint
-  (``run.dir/checkpoints/latest``) is, so a run that was stopped early still initializes a fine-tune;
+  (``run.dir/checkpoints/latest``) is, so a run that was stopped early still initializes a fine-tune. Only a
+  run folder with no ``checkpoints/`` at all (an experiment with ``keep_checkpoints: false`` deleted them) is
+  read from its ``export.safetensors``;
 * a checkpoint folder (``run.dir/checkpoints`` or one tag such as ``run.dir/checkpoints/step100``);
 * a ``.safetensors`` file (an export);
 * ``none``.
@@ -82,6 +84,8 @@ def load_state(init: str | os.PathLike) -> dict[str, torch.Tensor]:
         return read_export(path)[0]
     if not path.exists():
         raise FileNotFoundError(f"model.init: path does not exist: {path}")
+    if not (path / "checkpoints").exists() and (path / "export.safetensors").is_file():
+        return read_export(path / "export.safetensors")[0]
     states = safe_torch_load(_checkpoint_tag_dir(path) / MODEL_STATES)
     module = states.get("module") if isinstance(states, dict) else None
     if not module:

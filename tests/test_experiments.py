@@ -115,6 +115,14 @@ def test_two_arm_two_seed_experiment_end_to_end(tmp_path):
     assert res.returncode == 0, res.stderr
     assert "$ " not in res.stdout and {p: p.stat().st_mtime_ns for p in out.rglob("stage.json")} == stamps
 
+    # keep_checkpoints=false on a rerun frees the finished runs' checkpoints, keeps their exports and results
+    assert len(list(out.rglob("checkpoints"))) == 4
+    res = _experiments("run", SMOKE, *common, "keep_checkpoints=false", "--no-report", timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.count("dropped ") == 4 and "$ " not in res.stdout
+    assert not list(out.rglob("checkpoints")) and len(list(out.rglob("pretrain/export.safetensors"))) == 4
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("stage.json")} == stamps
+
     # a changed recipe is refused, naming the folder, instead of mixing two settings under one name
     res = _experiments("run", SMOKE, *common, "pretrain.overrides=[train.max_steps=5]", timeout=60)
     assert res.returncode == 2 and "finished with another command" in res.stderr
@@ -169,3 +177,28 @@ def test_practice_guide_states_verdicts_from_intervals(tmp_path):
     assert "zeroshot.txt_r1: **no evidence either way**" in text
     assert "style_policies_stl10.yaml" in text.split("What remains unknown")[1]
     assert practice.verdict({"n": 3, "ci95": [-5.0, -1.0]}) == "avoid"
+
+
+def test_drop_checkpoints_only_where_a_weights_copy_remains(tmp_path):
+    from experiments.runner import STAGE_RECORD, drop_checkpoints
+    from pretrain.export import export_safetensors, load_state
+
+    def stage(name: str, done: bool, export: bool) -> Path:
+        d = tmp_path / name
+        (d / "checkpoints" / "step3").mkdir(parents=True)
+        (d / "checkpoints" / "step3" / "states.pt").write_bytes(b"x" * 1000)
+        if done:
+            (d / STAGE_RECORD).write_text("{}")
+        if export:
+            export_safetensors({"w": torch.arange(4.0)}, d / "export.safetensors", {"model": {"name": "clip"}})
+        return d
+
+    finished, no_copy, running = stage("pretrain", True, True), stage("zeroshot", True, False), stage("ft", False, True)
+    assert drop_checkpoints(tmp_path) == 1000
+    assert not (finished / "checkpoints").exists()
+    assert (no_copy / "checkpoints").is_dir() and (running / "checkpoints").is_dir()
+    # the pruned run folder still initializes a fine-tune, from its export
+    torch.testing.assert_close(load_state(str(finished))["w"], torch.arange(4.0))
+    # while checkpoints exist they win over the export (a stopped run initializes from its newest step)
+    with pytest.raises(FileNotFoundError, match="checkpoints/latest"):
+        load_state(str(running))

@@ -126,7 +126,7 @@ def stages(spec: ExperimentSpec, arm: Arm, seed: int) -> list[Stage]:
     out: list[Stage] = []
     if data is not None and spec.data is not None:
         values["data"] = str(data)
-        if (data / "train").is_dir():
+        if (data / STAGE_RECORD).is_file():  # a build that failed half-way (a full disk) is rerun, not read
             values["train_shards"] = train_shards(data)
         over = [*spec.data.overrides, *arm.overrides("data"), f"out.dir={data}"]
         out.append(Stage("data", data, Entry("data_prep", "synthetic"), spec.data.config, over, 1))

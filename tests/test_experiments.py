@@ -202,3 +202,14 @@ def test_drop_checkpoints_only_where_a_weights_copy_remains(tmp_path):
     # while checkpoints exist they win over the export (a stopped run initializes from its newest step)
     with pytest.raises(FileNotFoundError, match="checkpoints/latest"):
         load_state(str(running))
+
+
+def test_a_half_built_data_set_is_rebuilt_not_read(tmp_path):
+    from experiments.runner import data_dir, stages
+
+    spec = load_spec(REPO / SMOKE, [f"out={tmp_path}"])
+    arm = arms(spec)[0]
+    (data_dir(spec, arm) / "train").mkdir(parents=True)  # what a build that died before its first shard leaves
+    listed = stages(spec, arm, 0)
+    assert listed[0].kind == "data" and not listed[0].done()
+    assert "data.shards={train_shards}" in listed[1].overrides  # filled in once the data stage has finished

@@ -65,6 +65,25 @@ KILL_AFTER_STEP_ENV = "VLP_KILL_AFTER_STEP"  # test hook: every rank SIGKILLs it
 Evaluate = Callable[[nn.Module, int], dict[str, Any]]
 
 
+
+@contextlib.contextmanager
+def explain_save_errors(folder: Path) -> Any:
+    """Re-raise a failed checkpoint write as one message naming the folder and the free space there.
+
+    A full disk surfaces from torch's writer as ``basic_ios::clear: iostream error`` or ``unexpected pos``; the
+    half-written tag has no completion marker, so a resume skips it.
+    """
+    try:
+        yield
+    except (OSError, RuntimeError) as exc:
+        probe = next((p for p in (folder, *folder.parents) if p.exists()), Path("."))
+        free = shutil.disk_usage(probe).free
+        raise RuntimeError(
+            f"checkpoint {folder} could not be written ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
+            f"{free / 2**20:.0f} MiB free on its filesystem. Free space, lower train.keep_checkpoints, or raise "
+            "train.checkpoint_every; the run resumes from its last complete checkpoint"
+        ) from exc
+
 class NonFiniteLossError(RuntimeError):
     """Raised on every rank together after ``train.max_nonfinite`` consecutive non-finite losses."""
 
@@ -383,7 +402,8 @@ class Trainer:
         dist.all_gather_object(ranks, mine)
         client = {"trainer": dataclasses.asdict(self.state), "ranks": ranks, "world_size": self.world,
                   "flops_per_sample": self.flops_per_sample}  # fmt: skip
-        self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, client_state=client, save_latest=False)
+        with explain_save_errors(self.ckpt_dir / tag):
+            self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, client_state=client, save_latest=False)
         dist.barrier()
         if self.rank == 0:
             atomic_write_json(self.ckpt_dir / tag / RESUME_META, resume_meta(self.cfg, self.world))

@@ -365,3 +365,22 @@ def test_bf16_zero2_trains_a_cnn_tower(pretrain_shards, resume_runs, tmp_path):
     for step in (1, 2):
         assert losses[step] == pytest.approx(fp32[step], rel=3e-2), (step, losses[step], fp32[step])
     assert losses[1] != fp32[1]  # it did run in bf16
+
+
+def test_a_failed_checkpoint_write_names_the_folder_and_the_free_space(tmp_path):
+    import re
+    import shutil
+
+    from pretrain.engine import explain_save_errors
+
+    folder = tmp_path / "run" / "checkpoints" / "step50"  # not created yet: free space is read from a parent
+    with pytest.raises(RuntimeError) as info:
+        with explain_save_errors(folder):
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 67255680 vs 67255544")
+    msg = str(info.value)
+    assert str(folder) in msg and "unexpected pos" in msg and "train.keep_checkpoints" in msg
+    free = float(re.search(r"(\d+) MiB free", msg).group(1))
+    assert free == pytest.approx(shutil.disk_usage(tmp_path).free / 2**20, rel=0.05)
+    with pytest.raises(KeyError):  # anything that is not an I/O failure passes through unchanged
+        with explain_save_errors(folder):
+            raise KeyError("a bug, not a full disk")

@@ -103,7 +103,7 @@ class ExperimentSpec:
     slurm: list[str] = dataclasses.field(default_factory=list)  # launch overrides (configs/launch keys)
     requires: list[Requirement] = dataclasses.field(default_factory=list)
     gpu_recipe: str = ""  # the experiment at full size, for the report (the commands, or a recipe path)
-    # false: once a run's every stage is done, delete its stages' checkpoints/ (optimizer states: ~8x the weights)
+    # false: once a run's every stage is done, delete its stages' checkpoints/ (~4x the weights each)
     # where a .safetensors copy of the weights sits beside them; results, logs and TensorBoard stay
     keep_checkpoints: bool = True
 

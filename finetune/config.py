@@ -95,12 +95,22 @@ def inherit_model_section(model: Any) -> Any:
     means the fine-tuned network is the one that was trained. A mismatch would load without error and quietly cost
     accuracy (text pooling ``cls`` vs ``mean`` cost 180 RSUM points in the synthetic demo). Keys the recipe sets
     win; a run of another model name, or an init that is not a run folder (a safetensors export), is left alone.
+    A checkpoint folder of a run (``run.dir/checkpoints`` or a tag such as ``run.dir/checkpoints/step400``, to
+    evaluate an intermediate step) takes the section from that run's ``config.yaml``.
     """
     if not isinstance(model, dict):
         return model
     init = model.get("init")
-    saved = Path(str(init)) / "config.yaml" if isinstance(init, str) and init not in ("", "none") else None
-    if saved is None or not saved.is_file():
+    if not isinstance(init, str) or init in ("", "none"):
+        return model
+    path = Path(init)
+    run = path
+    if path.name == "checkpoints":
+        run = path.parent
+    elif path.parent.name == "checkpoints":
+        run = path.parent.parent
+    saved = run / "config.yaml"
+    if not saved.is_file():
         return model
     try:
         base = (yaml.safe_load(saved.read_text()) or {}).get("model")

@@ -164,6 +164,16 @@ def test_model_keys_left_out_are_inherited_from_the_pretrain_run(tmp_path):
         check_paths=False,
     )
     assert other.model.name == "albef" and other.model.embed_dim != 48  # another model's run is not mixed in
+    # an intermediate checkpoint of the run (a plateau check) gets the run's architecture too
+    (run / "checkpoints" / "step400").mkdir(parents=True)
+    for init in (run / "checkpoints" / "step400", run / "checkpoints"):
+        step = load_config(
+            FinetuneConfig,
+            None,
+            ["model.name=clip", f"model.init={init}", "task.name=retrieval", "task.test_json=t.json", "eval.only=true"],
+            check_paths=False,
+        )
+        assert step.model.text_pool == "mean" and step.model.embed_dim == 48 and step.model.init == str(init)
 
 
 @pytest.mark.slow

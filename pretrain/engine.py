@@ -65,7 +65,6 @@ KILL_AFTER_STEP_ENV = "VLP_KILL_AFTER_STEP"  # test hook: every rank SIGKILLs it
 Evaluate = Callable[[nn.Module, int], dict[str, Any]]
 
 
-
 @contextlib.contextmanager
 def explain_save_errors(folder: Path) -> Any:
     """Re-raise a failed checkpoint write as one message naming the folder and the free space there.
@@ -78,11 +77,13 @@ def explain_save_errors(folder: Path) -> Any:
     except (OSError, RuntimeError) as exc:
         probe = next((p for p in (folder, *folder.parents) if p.exists()), Path("."))
         free = shutil.disk_usage(probe).free
+        cause = (str(exc).splitlines() or [""])[0][:200]
         raise RuntimeError(
-            f"checkpoint {folder} could not be written ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
+            f"checkpoint {folder} could not be written ({type(exc).__name__}: {cause}); "
             f"{free / 2**20:.0f} MiB free on its filesystem. Free space, lower train.keep_checkpoints, or raise "
             "train.checkpoint_every; the run resumes from its last complete checkpoint"
         ) from exc
+
 
 class NonFiniteLossError(RuntimeError):
     """Raised on every rank together after ``train.max_nonfinite`` consecutive non-finite losses."""

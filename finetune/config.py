@@ -103,14 +103,10 @@ def inherit_model_section(model: Any) -> Any:
     init = model.get("init")
     if not isinstance(init, str) or init in ("", "none"):
         return model
-    path = Path(init)
-    run = path
-    if path.name == "checkpoints":
-        run = path.parent
-    elif path.parent.name == "checkpoints":
-        run = path.parent.parent
-    saved = run / "config.yaml"
-    if not saved.is_file():
+    from pretrain.export import run_config_file
+
+    saved = run_config_file(init)
+    if saved is None:
         return model
     try:
         base = (yaml.safe_load(saved.read_text()) or {}).get("model")

@@ -119,6 +119,22 @@ def load_init(model: nn.Module, init: str | os.PathLike | None, *, strict: bool 
     return {"missing": list(result.missing_keys), "unexpected": list(result.unexpected_keys)}
 
 
+def run_config_file(init: str | os.PathLike) -> Path | None:
+    """The ``config.yaml`` of the pretraining run that ``init`` belongs to, or None.
+
+    ``init`` may be the run folder, its ``checkpoints`` folder or one tag inside it (``checkpoints/step400``,
+    to use an intermediate step); the engine saves the resolved recipe as ``run.dir/config.yaml``.
+    """
+    path = Path(init)
+    run = path
+    if path.name == "checkpoints":
+        run = path.parent
+    elif path.parent.name == "checkpoints":
+        run = path.parent.parent
+    saved = run / "config.yaml"
+    return saved if saved.is_file() else None
+
+
 def init_source(init: str | os.PathLike) -> tuple[str | None, str]:
     """(model name the weights at ``init`` were trained as, where that was read) or (None, why it is unknown).
 
@@ -138,17 +154,15 @@ def init_source(init: str | os.PathLike) -> tuple[str | None, str]:
             model = None
         name = model.get("name") if isinstance(model, dict) else None
         return (name, f"{path.name} metadata") if name else (None, "the export has no model metadata")
-    for folder in (path, path.parent, path.parent.parent):
-        saved = folder / "config.yaml"
-        if saved.is_file():
-            try:
-                model = (yaml.safe_load(saved.read_text()) or {}).get("model")
-            except yaml.YAMLError:
-                model = None
-            name = model.get("name") if isinstance(model, dict) else None
-            if name:
-                return name, str(saved)
-    return None, "no config.yaml beside the checkpoint"
+    saved = run_config_file(path)
+    if saved is None:
+        return None, "no config.yaml beside the checkpoint"
+    try:
+        model = (yaml.safe_load(saved.read_text()) or {}).get("model")
+    except yaml.YAMLError:
+        model = None
+    name = model.get("name") if isinstance(model, dict) else None
+    return (name, str(saved)) if name else (None, f"{saved} names no model")
 
 
 class InitMismatchError(ValueError):

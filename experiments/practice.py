@@ -9,10 +9,11 @@ unknown, with the reason (a missing requirement, or not run for lack of compute)
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
-from experiments.report import diff_table, metric_table
+from experiments.report import diff_table, metric_table, trend_table
 from experiments.spec import ExperimentSpec, control_factor, load_spec
 
 HEADER = """# Practice guide: MixGen and style randomization settings
@@ -45,6 +46,22 @@ def verdict(entry: dict[str, Any]) -> str:
     return "no evidence either way"
 
 
+def trend_verdict(trend: dict[str, Any], control_factor: str, control_level: str) -> str:
+    """Whether the paired difference changes along the x factor, from the fitted slope's interval."""
+    fit, xf = trend.get("slope"), trend["factor"]
+    what = f"{trend['series']} − {control_factor}={control_level} along {xf}"
+    if fit is None or not math.isfinite(fit["ci95_half"]):  # fewer than 3 runs
+        return f"{what}: not enough runs to fit a trend (n={trend['n']})"
+    lo, hi = fit["ci95"]
+    unit = f"log10 {xf}" if trend["log_x"] else xf
+    ci = f"slope {fit['estimate']:+.2f} [{lo:+.2f}, {hi:+.2f}] per unit of {unit}, n={trend['n']}"
+    if hi < 0:
+        return f"{what}: **the effect is larger the smaller {xf}**; {ci}"
+    if lo > 0:
+        return f"{what}: **the effect is larger the larger {xf}**; {ci}"
+    return f"{what}: **no evidence that the effect changes with {xf}**; {ci}"
+
+
 def section(spec: ExperimentSpec, data: dict[str, Any]) -> list[str]:
     ctrl = control_factor(spec)
     lines = [f"## {spec.name}", "", f"*Claim tested:* {spec.claim}", ""]
@@ -62,7 +79,10 @@ def section(spec: ExperimentSpec, data: dict[str, Any]) -> list[str]:
             ci = f"{vs['mean']:+.2f} [{vs['ci95'][0]:+.2f}, {vs['ci95'][1]:+.2f}]" if vs["n"] >= 2 else "—"
             rows.append(f"- {label} vs {ctrl.name}={ctrl.control}, {metric}: **{verdict(vs)}**; paired difference "
                         f"{ci}, n={vs['n']}")  # fmt: skip
+        for trend in data.get("trends", {}).get(metric, []):
+            rows.append(f"- {trend_verdict(trend, ctrl.name, ctrl.control)}")
         lines += [*rows, "", diff_table(spec, data, metric), "", metric_table(spec, data, metric), ""]
+        lines += [x for t in data.get("trends", {}).get(metric, []) for x in (trend_table(t, metric), "")]
     if data.get("missing"):
         lines += [f"{len(data['missing'])} planned runs did not finish and are not counted.", ""]
     return lines

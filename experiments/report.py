@@ -18,7 +18,7 @@ from typing import Any
 from experiments.plot import Point, errorbar_plot
 from experiments.runner import read_metrics, run_dir
 from experiments.spec import ExperimentSpec, arms, control_factor, control_of
-from experiments.stats import Summary, paired, summarize
+from experiments.stats import Summary, paired, slope, summarize, welch
 
 
 def collect(spec: ExperimentSpec) -> tuple[dict[str, dict[str, dict[int, float]]], list[str]]:
@@ -76,6 +76,47 @@ def build(spec: ExperimentSpec) -> dict[str, Any]:
                                        "better": sum(d > 0 for d in diffs.values()), **s.as_dict()}  # fmt: skip
             per_arm[arm.name] = entry
         out["metrics"][metric] = per_arm
+        trends = _trends(spec, per_arm)
+        if trends:
+            out.setdefault("trends", {})[metric] = trends
+    return out
+
+
+def _trends(spec: ExperimentSpec, per_arm: dict[str, Any]) -> list[dict[str, Any]]:
+    """How the paired difference changes along the x factor (the data-efficiency question: does the effect grow
+    as the data shrinks?), per series of treated arms that differ only in their x level.
+
+    Each x level's effect is compared with the effect at the largest x by a Welch interval (the runs at two sizes
+    are independent, so seeds are not paired across them); the slope is a least-squares fit of every per-seed
+    paired difference on x (or log10 x), with its t-interval at n − 2 df.
+    """
+    xf, ctrl = _x_factor(spec), control_factor(spec)
+    if xf is None or ctrl is None:
+        return []
+    factor = next(f for f in spec.factors if f.name == xf)
+    groups: dict[str, list[tuple[float, str, list[float]]]] = {}
+    for arm in arms(spec):
+        vs = per_arm[arm.name].get("vs_control")
+        if vs is None:
+            continue
+        label = ", ".join(f"{f}={lv.name}" for f, lv in arm.levels if f != xf)
+        x = float(arm.level(xf).x)  # type: ignore[arg-type]  # _x_factor checked every level has one
+        groups.setdefault(label, []).append((x, arm.level(xf).name, list(vs["diffs"].values())))
+    out = []
+    for label, points in groups.items():
+        points.sort()
+        ref_x, ref_name, ref = points[-1]
+        rows = []
+        for x, name, diffs in points:
+            row: dict[str, Any] = {"x": x, "level": name, "effect": summarize(diffs).as_dict()}
+            if x != ref_x:
+                row["minus_ref"] = welch(diffs, ref).as_dict()
+            rows.append(row)
+        xs = [math.log10(x) if factor.log_x else x for x, _, diffs in points for _ in diffs]
+        ys = [d for _, _, diffs in points for d in diffs]
+        fit = slope(xs, ys).as_dict() if len(set(xs)) > 1 else None
+        out.append({"series": label, "factor": xf, "ref": ref_name, "log_x": factor.log_x, "n": len(ys),
+                    "points": rows, "slope": fit})  # fmt: skip
     return out
 
 
@@ -141,6 +182,8 @@ def markdown(spec: ExperimentSpec, data: dict[str, Any], command: str = "") -> s
             lines += [diff_table(spec, data, metric), ""]
             images += f" ![{metric} paired difference]({_png(metric, True)})"
         lines += [images, ""]
+        for trend in data.get("trends", {}).get(metric, []):
+            lines += [trend_table(trend, metric), ""]
     if data["missing"]:
         lines += ["Runs not finished (left out of n):", ""] + [f"- {m}" for m in data["missing"]] + [""]
     if spec.gpu_recipe:
@@ -176,6 +219,36 @@ def diff_table(spec: ExperimentSpec, data: dict[str, Any], metric: str) -> str:
         diffs = {int(k): v for k, v in e["diffs"].items()}
         sign = f"{s.mean:+.2f} ± {s.half:.2f}" if s.n >= 2 else (f"{s.mean:+.2f} (n=1)" if s.n else "—")
         rows.append(f"| {arm.label} | {e['n']} | {sign} | {_ci(s)} | {e['better']}/{e['n']} | {_seeds(diffs, True)} |")
+    return "\n".join(rows)
+
+
+def trend_table(trend: dict[str, Any], metric: str) -> str:
+    """The effect at each x level, its difference from the effect at the largest x, and the fitted slope."""
+    xf, ref = trend["factor"], trend["ref"]
+    rows = [
+        f"**{metric}: how the paired difference changes with {xf}** ({trend['series']})",
+        "",
+        f"| {xf} | n | effect ± 95 % CI | effect − effect at {xf}={ref} (Welch) | interval | df |",
+        "|---|---|---|---|---|---|",
+    ]
+    for p in trend["points"]:
+        e = p["effect"]
+        eff = f"{e['mean']:+.2f} ± {e['ci95_half']:.2f}" if e["n"] >= 2 else (f"{e['mean']:+.2f}" if e["n"] else "—")
+        w = p.get("minus_ref")
+        if w is None:
+            cells = "reference | — | —"
+        elif math.isfinite(w["ci95_half"]):
+            lo, hi = w["ci95"]
+            cells = f"{w['estimate']:+.2f} ± {w['ci95_half']:.2f} | [{lo:.2f}, {hi:.2f}] | {w['df']:.1f}"
+        else:
+            cells = "— (needs n ≥ 2 at both) | — | —"
+        rows.append(f"| {p['level']} | {e['n']} | {eff} | {cells} |")
+    fit = trend["slope"]
+    if fit is not None and math.isfinite(fit["ci95_half"]):
+        per = f"per unit of log10 {xf} (a tenfold {xf})" if trend["log_x"] else f"per unit of {xf}"
+        rows += ["", f"Slope of the per-seed paired difference on {'log10 ' if trend['log_x'] else ''}{xf}: "
+                 f"**{fit['estimate']:+.2f} ± {fit['ci95_half']:.2f}** {per} (least squares over n = {trend['n']} "
+                 f"runs, t-interval at {fit['df']:.0f} df); negative: the effect grows as {xf} shrinks."]  # fmt: skip
     return "\n".join(rows)
 
 

@@ -72,6 +72,8 @@ class Factor:
     name: str = ""
     levels: list[Level] = dataclasses.field(default_factory=list)
     control: str | None = None
+    # the trend of the paired difference along this factor's x is fitted on log10(x) (data fractions, sizes)
+    log_x: bool = False
 
 
 @dataclasses.dataclass
@@ -140,6 +142,8 @@ class ExperimentSpec:
                     raise ConfigError(f"factors[{i}].levels[{j}].data: the experiment has no data section")
                 if (lv.pretrain or lv.pretrain_config) and self.pretrain is None:
                     raise ConfigError(f"factors[{i}].levels[{j}].pretrain: the experiment has no pretrain section")
+            if f.log_x and any(lv.x is None or lv.x <= 0 for lv in f.levels):
+                raise ConfigError(f"factors[{i}].log_x: every level needs an x > 0 to take its logarithm")
             if f.control is not None and f.control not in lnames:
                 raise ConfigError(f"factors[{i}].control: {f.control!r} is not one of its levels {lnames}")
         if sum(f.control is not None for f in self.factors) > 1:

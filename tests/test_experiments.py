@@ -213,3 +213,78 @@ def test_a_half_built_data_set_is_rebuilt_not_read(tmp_path):
     listed = stages(spec, arm, 0)
     assert listed[0].kind == "data" and not listed[0].done()
     assert "data.shards={train_shards}" in listed[1].overrides  # filled in once the data stage has finished
+
+
+def _t_quantile_by_integration(df: float) -> float:
+    """t_{0.975, df} from the density by midpoint integration and bisection: independent of experiments.stats."""
+
+    def cdf(x: float) -> float:
+        c = math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2)) / math.sqrt(df * math.pi)
+        h = x / 4000
+        return 0.5 + h * sum(c * (1 + ((i + 0.5) * h) ** 2 / df) ** (-(df + 1) / 2) for i in range(4000))
+
+    lo, hi = 1.0, 20.0
+    for _ in range(50):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if cdf(mid) < 0.975 else (lo, mid)
+    return lo
+
+
+def test_welch_and_slope_match_independent_computations():
+    from experiments.stats import slope, welch
+
+    for df in (1.5, 2.4, 3.98, 7.3, 45.0):
+        assert t_quantile_975(df) == pytest.approx(_t_quantile_by_integration(df), abs=2e-4)
+    # Welch by hand: a = (9, 16.1, -0.9), b = (-31.7, -16.2, -27.3)
+    a, b = [9.0, 16.1, -0.9], [-31.7, -16.2, -27.3]
+    va = sum((x - sum(a) / 3) ** 2 for x in a) / 2 / 3
+    vb = sum((x - sum(b) / 3) ** 2 for x in b) / 2 / 3
+    df = (va + vb) ** 2 / (va**2 / 2 + vb**2 / 2)
+    w = welch(a, b)
+    assert w.estimate == pytest.approx(sum(a) / 3 - sum(b) / 3) and w.df == pytest.approx(df)
+    assert w.half == pytest.approx(_t_quantile_by_integration(df) * math.sqrt(va + vb), rel=1e-3)
+    assert w.excludes_zero() and math.isnan(welch([1.0], b).half)
+    # slope against numpy's least squares and the textbook standard error
+    import numpy as np
+
+    xs, ys = [1.0, 1.0, 1.4, 1.4, 1.7, 2.0, 2.0], [9.0, 16.0, 3.0, -2.0, -10.0, -31.0, -16.0]
+    design = np.stack([np.ones(len(xs)), np.array(xs)], 1)
+    coef, res, *_ = np.linalg.lstsq(design, np.array(ys), rcond=None)
+    se = math.sqrt(res[0] / (len(xs) - 2) * np.linalg.inv(design.T @ design)[1, 1])
+    fit = slope(xs, ys)
+    assert fit.estimate == pytest.approx(coef[1]) and fit.df == len(xs) - 2
+    assert fit.half == pytest.approx(2.5706 * se, rel=1e-4)  # t_{0.975, 5}
+    with pytest.raises(ValueError, match="every x is the same"):
+        slope([1.0, 1.0, 1.0], [1.0, 2.0, 3.0])
+
+
+def test_report_and_guide_give_the_trend_along_the_x_factor(tmp_path):
+    """Data-efficiency layout: the effect at each fraction vs at the largest, and the slope on log10 fraction."""
+    from experiments import practice, report
+
+    recipe = REPO / "experiments/recipes/mixgen_data_efficiency.yaml"
+    spec = load_spec(recipe, [f"out={tmp_path / 'runs'}", f"results={tmp_path / 'res'}"])
+    # on − off per seed: +20, +22, +24 at 10 %; nothing at 25 %; +5, +7, +3 at 50 %; -10, -12, -8 at 100 %
+    effects = {"10": (20, 22, 24), "50": (5, 7, 3), "100": (-10, -12, -8)}
+    for fraction, eff in effects.items():
+        for seed, e in enumerate(eff):
+            for arm, v in (("off", 200.0 + seed), ("on", 200.0 + seed + e)):
+                root = Path(spec.out) / spec.name / f"fraction-{fraction}__mixgen-{arm}" / f"seed{seed}"
+                for ev in ("zeroshot", "finetuned"):
+                    (root / ev).mkdir(parents=True)
+                    (root / ev / "results.json").write_text(json.dumps({"splits": {"test": {"rsum": v}}}))
+    out = report.write(spec)
+    trend = json.loads((out / "results.json").read_text())["trends"]["zeroshot.rsum"][0]
+    assert trend["series"] == "mixgen=on" and trend["ref"] == "100" and trend["log_x"] and trend["n"] == 9
+    by_level = {p["level"]: p for p in trend["points"]}
+    assert by_level["10"]["minus_ref"]["estimate"] == pytest.approx(32.0)  # 22 - (-10)
+    assert by_level["25"]["effect"]["n"] == 0 and "minus_ref" in by_level["25"]
+    assert "minus_ref" not in by_level["100"]
+    xs = [1.0] * 3 + [math.log10(50)] * 3 + [2.0] * 3
+    ys = [20, 22, 24, 5, 7, 3, -10, -12, -8]
+    mx, my = sum(xs) / 9, sum(ys) / 9
+    expected = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+    assert trend["slope"]["estimate"] == pytest.approx(expected) and trend["slope"]["ci95"][1] < 0
+    assert "how the paired difference changes with fraction" in (out / "README.md").read_text()
+    text = practice.generate([recipe], tmp_path / "res")
+    assert "**the effect is larger the smaller fraction**" in text

@@ -147,13 +147,18 @@ def _plot_series(spec: ExperimentSpec, per_arm: dict[str, Any], diff: bool) -> t
             if point is not None:
                 series.setdefault(label, []).append((float(combos.index(key)), *point))
         return series, ticks
+    factor = next(f for f in spec.factors if f.name == xf)
+    # a log10 axis puts 10, 25, 50, 100 % at even steps of the data's growth; the ticks keep the level names
+    pos = (lambda x: math.log10(x)) if factor.log_x else (lambda x: x)  # noqa: E731
+    if factor.log_x:
+        ticks = {pos(float(lv.x or 1.0)): lv.name for lv in factor.levels}
     for arm in arms(spec):
         label = ",".join(arm.level(f.name).name for f in others if f.name != xf) or "mean"
         if ctrl is not None and xf != ctrl.name:
             label = ",".join(filter(None, [label if label != "mean" else "", arm.level(ctrl.name).name]))
         point = _point(per_arm[arm.name], diff)
         if point is not None:
-            series.setdefault(label, []).append((float(arm.level(xf).x or 0.0), *point))
+            series.setdefault(label, []).append((pos(float(arm.level(xf).x or 0.0)), *point))
     return series, ticks
 
 
@@ -262,7 +267,8 @@ def write(spec: ExperimentSpec, command: str = "") -> Path:
     out = Path(spec.results) / spec.name
     out.mkdir(parents=True, exist_ok=True)
     xf = _x_factor(spec)
-    xlabel = xf or ", ".join(
+    log_x = xf is not None and next(f for f in spec.factors if f.name == xf).log_x
+    xlabel = (f"{xf} (log scale)" if log_x else xf) or ", ".join(
         f.name for f in spec.factors if control_factor(spec) is None or f is not control_factor(spec)
     )
     for metric in spec.metrics:

@@ -286,5 +286,9 @@ def test_report_and_guide_give_the_trend_along_the_x_factor(tmp_path):
     expected = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
     assert trend["slope"]["estimate"] == pytest.approx(expected) and trend["slope"]["ci95"][1] < 0
     assert "how the paired difference changes with fraction" in (out / "README.md").read_text()
+    per_arm = json.loads((out / "results.json").read_text())["metrics"]["zeroshot.rsum"]
+    series, ticks = report._plot_series(spec, per_arm, diff=True)  # log_x: the plot's axis is log10 too
+    assert ticks == {math.log10(x): str(x) for x in (10, 25, 50, 100)}
+    assert [p[:2] for p in series["on"]] == [(1.0, 22.0), (math.log10(50), 5.0), (2.0, -10.0)]
     text = practice.generate([recipe], tmp_path / "res")
     assert "**the effect is larger the smaller fraction**" in text

@@ -112,19 +112,12 @@ class Contrast:
     half: float
     df: float
 
-    @property
-    def low(self) -> float:
-        return self.estimate - self.half
-
-    @property
-    def high(self) -> float:
-        return self.estimate + self.half
-
     def excludes_zero(self) -> bool:
-        return math.isfinite(self.half) and (self.low > 0 or self.high < 0)
+        return math.isfinite(self.half) and abs(self.estimate) > self.half
 
     def as_dict(self) -> dict[str, float | list[float]]:
-        return {"estimate": self.estimate, "ci95_half": self.half, "df": self.df, "ci95": [self.low, self.high]}
+        ci = [self.estimate - self.half, self.estimate + self.half]
+        return {"estimate": self.estimate, "ci95_half": self.half, "df": self.df, "ci95": ci}
 
 
 _NO_INTERVAL = math.nan

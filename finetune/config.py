@@ -64,6 +64,39 @@ class FinetuneConfig(PretrainConfig):
     task: dict[str, Any] = dataclasses.field(default_factory=lambda: {"name": "retrieval"})
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
 
+    @staticmethod
+    def prepare_tree(tree: dict[str, Any]) -> dict[str, Any]:
+        """Take the image normalization the recipe leaves out from the pretrain run it starts from.
+
+        ``data.mean``/``data.std`` belong to the trained network as much as its layers do: an ImageNet-initialized
+        tower pretrained with ImageNet statistics and evaluated with the CLIP defaults sees inputs scaled ~15 %
+        differently, and nothing fails. Keys the recipe (or a command-line override) sets win.
+        """
+        model = tree.get("model")
+        init = model.get("init") if isinstance(model, dict) else None
+        if not isinstance(init, str) or init in ("", "none"):
+            return tree
+        from pretrain.export import run_config_file
+
+        saved = run_config_file(init)
+        if saved is None:
+            return tree
+        try:
+            run = yaml.safe_load(saved.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"model.init: {saved} is not valid YAML: {exc}") from exc
+        run_data, run_model = run.get("data"), run.get("model")
+        if not isinstance(run_data, dict) or not isinstance(run_model, dict):
+            return tree
+        if model.get("name", run_model.get("name")) != run_model.get("name"):
+            return tree  # another architecture's run: its statistics say nothing about this network
+        data = tree.setdefault("data", {})
+        if isinstance(data, dict):
+            for key in ("mean", "std"):
+                if key not in data and key in run_data:
+                    data[key] = run_data[key]
+        return tree
+
     def validate(self, recipe: Any) -> None:
         self.model = inherit_model_section(self.model)
         super().validate(recipe)

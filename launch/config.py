@@ -305,6 +305,9 @@ def load_config(
     tree: dict[str, Any] = read_yaml(path) if path else {}
     for key, value in parse_overrides(overrides):
         set_dotted(tree, key, value)
+    prepare = getattr(schema, "prepare_tree", None)
+    if callable(prepare):  # a schema may fill keys the recipe leaves out from elsewhere (a run it starts from)
+        tree = prepare(tree)
     cfg = build_dataclass(schema, tree)
     validate_tree(cfg)
     if check_paths:

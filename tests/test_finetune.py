@@ -124,6 +124,33 @@ def test_pretrain_finetune_and_eval_only_all_models(data, tmp_path):
         assert zs["splits"]["test"] == ft["splits"]["test"]  # same weights, same numbers: deterministic eval
 
 
+def test_normalization_left_out_is_inherited_from_the_pretrain_run(tmp_path):
+    """An ImageNet-normalized pretraining evaluated by a recipe without data.mean/std keeps ImageNet statistics;
+    a recipe or override that sets them wins; another model's run lends nothing."""
+    from finetune.config import FinetuneConfig
+    from launch.config import load_config
+
+    run = tmp_path / "pretrain_run"
+    run.mkdir()
+    imagenet = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+    (run / "config.yaml").write_text(yaml.safe_dump({"model": {"name": "clip"}, "data": {"batch_size": 8, **imagenet}}))
+    base = ["task.name=retrieval", "task.test_json=t.json", "eval.only=true", f"model.init={run}"]
+
+    def load(*extra: str) -> FinetuneConfig:
+        return load_config(FinetuneConfig, None, [*base, *extra], check_paths=False)
+
+    cfg = load("model.name=clip")
+    assert list(cfg.data.mean) == imagenet["mean"] and list(cfg.data.std) == imagenet["std"]
+    assert cfg.data.batch_size == FinetuneConfig().data.batch_size  # only the statistics are taken
+    cfg = load("model.name=clip", "data.std=[0.5,0.5,0.5]")
+    assert list(cfg.data.std) == [0.5, 0.5, 0.5] and list(cfg.data.mean) == imagenet["mean"]
+    assert list(load("model.name=albef").data.mean) == list(FinetuneConfig().data.mean)
+    step = run / "checkpoints" / "step400"
+    step.mkdir(parents=True)
+    cfg = load_config(FinetuneConfig, None, [*base[:-1], f"model.init={step}", "model.name=clip"], check_paths=False)
+    assert list(cfg.data.mean) == imagenet["mean"]
+
+
 def test_model_keys_left_out_are_inherited_from_the_pretrain_run(tmp_path):
     """A recipe that names only the init run gets that run's architecture; keys the recipe sets still win."""
     from finetune.config import FinetuneConfig

@@ -29,9 +29,10 @@ These are measurements on the synthetic set with tiny models on CPU (docs/experi
 setting is and is not); at the paper's scale the recipes' GPU versions have to be run.
 
 Measured before the runner existed (docs/experiments.md, same tiny CLIP recipe, exhaustive captions, 3 seeds):
-MixGen on − off zero-shot RSUM −22.2 ± 38.5, i.e. **no evidence either way**; so far nothing here supports
-turning MixGen on or off for this setting.
+MixGen on − off zero-shot RSUM −22.2 ± 38.5, i.e. **no evidence either way**.
 """
+
+_DECISIVE = ("**use**", "**avoid**", "**the effect is larger")
 
 
 def verdict(entry: dict[str, Any]) -> str:
@@ -46,10 +47,10 @@ def verdict(entry: dict[str, Any]) -> str:
     return "no evidence either way"
 
 
-def trend_verdict(trend: dict[str, Any], control_factor: str, control_level: str) -> str:
+def trend_verdict(trend: dict[str, Any], control_factor: str, control_level: str, metric: str) -> str:
     """Whether the paired difference changes along the x factor, from the fitted slope's interval."""
     fit, xf = trend.get("slope"), trend["factor"]
-    what = f"{trend['series']} − {control_factor}={control_level} along {xf}"
+    what = f"{trend['series']} − {control_factor}={control_level} along {xf}, {metric}"
     if fit is None or not math.isfinite(fit["ci95_half"]):  # fewer than 3 runs
         return f"{what}: not enough runs to fit a trend (n={trend['n']})"
     lo, hi = fit["ci95"]
@@ -80,7 +81,7 @@ def section(spec: ExperimentSpec, data: dict[str, Any]) -> list[str]:
             rows.append(f"- {label} vs {ctrl.name}={ctrl.control}, {metric}: **{verdict(vs)}**; paired difference "
                         f"{ci}, n={vs['n']}")  # fmt: skip
         for trend in data.get("trends", {}).get(metric, []):
-            rows.append(f"- {trend_verdict(trend, ctrl.name, ctrl.control)}")
+            rows.append(f"- {trend_verdict(trend, ctrl.name, ctrl.control, metric)}")
         lines += [*rows, "", diff_table(spec, data, metric), "", metric_table(spec, data, metric), ""]
         lines += [x for t in data.get("trends", {}).get(metric, []) for x in (trend_table(t, metric), "")]
     if data.get("missing"):
@@ -101,9 +102,23 @@ def generate(recipes: list[Path], results_root: Path) -> str:
         else:
             why = "requires " + "; ".join(r.what for r in spec.requires) if spec.requires else "not run here"
             unknown.append(f"- `{recipe}` ({spec.claim.strip()}): unknown; {why}.")
-    out = [HEADER, *measured, "## What remains unknown", ""]
+    decisive = [f"{line} ({name})" for name, line in _decisive_lines(measured)]
+    glance = ["## At a glance", "", "The verdicts whose interval excludes zero (every other comparison below: no "
+              "evidence either way at this scale):", "", *(decisive or ["- none yet."]), ""]  # fmt: skip
+    out = [HEADER, *glance, *measured, "## What remains unknown", ""]
     out += unknown or ["- nothing: every recipe has measured results."]
     return "\n".join(out) + "\n"
+
+
+def _decisive_lines(lines: list[str]) -> list[tuple[str, str]]:
+    """(experiment, verdict line) for every recommendation line that is not "no evidence"."""
+    out, name = [], ""
+    for line in lines:
+        if line.startswith("## "):
+            name = line[3:]
+        elif line.startswith("- ") and any(d in line for d in _DECISIVE):
+            out.append((name, line))
+    return out
 
 
 def main(out: Path, recipes_dir: Path, results_root: Path) -> Path:

@@ -291,4 +291,5 @@ def test_report_and_guide_give_the_trend_along_the_x_factor(tmp_path):
     assert ticks == {math.log10(x): str(x) for x in (10, 25, 50, 100)}
     assert [p[:2] for p in series["on"]] == [(1.0, 22.0), (math.log10(50), 5.0), (2.0, -10.0)]
     text = practice.generate([recipe], tmp_path / "res")
-    assert "**the effect is larger the smaller fraction**" in text
+    assert "along fraction, zeroshot.rsum: **the effect is larger the smaller fraction**" in text
+    assert "## At a glance" in text and "(mixgen_data_efficiency)" in text.split("## mixgen_data_efficiency")[0]

@@ -73,23 +73,10 @@ class FinetuneConfig(PretrainConfig):
         differently, and nothing fails. Keys the recipe (or a command-line override) sets win.
         """
         model = tree.get("model")
-        init = model.get("init") if isinstance(model, dict) else None
-        if not isinstance(init, str) or init in ("", "none"):
+        run = _init_run_config(model)
+        run_data = run.get("data")
+        if not isinstance(run_data, dict):  # no run, or another architecture's: nothing to say about this network
             return tree
-        from pretrain.export import run_config_file
-
-        saved = run_config_file(init)
-        if saved is None:
-            return tree
-        try:
-            run = yaml.safe_load(saved.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"model.init: {saved} is not valid YAML: {exc}") from exc
-        run_data, run_model = run.get("data"), run.get("model")
-        if not isinstance(run_data, dict) or not isinstance(run_model, dict):
-            return tree
-        if model.get("name", run_model.get("name")) != run_model.get("name"):
-            return tree  # another architecture's run: its statistics say nothing about this network
         data = tree.setdefault("data", {})
         if isinstance(data, dict):
             for key in ("mean", "std"):
@@ -131,20 +118,26 @@ def inherit_model_section(model: Any) -> Any:
     A checkpoint folder of a run (``run.dir/checkpoints`` or a tag such as ``run.dir/checkpoints/step400``, to
     evaluate an intermediate step) takes the section from that run's ``config.yaml``.
     """
-    if not isinstance(model, dict):
-        return model
-    init = model.get("init")
+    base = _init_run_config(model).get("model")
+    return deep_merge(base, model) if isinstance(base, dict) else model
+
+
+def _init_run_config(model: Any) -> dict[str, Any]:
+    """The saved recipe of the pretrain run ``model.init`` points into, or {} when there is none or it trained
+    another model (a run of another architecture lends nothing to this network)."""
+    init = model.get("init") if isinstance(model, dict) else None
     if not isinstance(init, str) or init in ("", "none"):
-        return model
+        return {}
     from pretrain.export import run_config_file
 
     saved = run_config_file(init)
     if saved is None:
-        return model
+        return {}
     try:
-        base = (yaml.safe_load(saved.read_text()) or {}).get("model")
+        run = yaml.safe_load(saved.read_text()) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"model.init: {saved} is not valid YAML: {exc}") from exc
+    base = run.get("model") if isinstance(run, dict) else None
     if not isinstance(base, dict) or base.get("name") != model.get("name", base.get("name")):
-        return model
-    return deep_merge(base, model)
+        return {}
+    return run

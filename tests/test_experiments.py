@@ -54,6 +54,8 @@ def test_spec_arms_pairing_and_errors(tmp_path):
         load_spec(REPO / SMOKE, ["metrics=[finetuned.rsum]"])
     with pytest.raises(ConfigError, match="unknown config key 'seed'"):
         load_spec(REPO / SMOKE, ["seed=1"])
+    with pytest.raises(ConfigError, match="factors\\[0\\].log_x: every level needs an x > 0"):
+        load_spec(REPO / SMOKE, ["factors=[{name: f, log_x: true, levels: [{name: a, x: 1}, {name: b}]}]"])
 
 
 def test_missing_requirement_stops_before_any_work(tmp_path):

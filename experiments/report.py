@@ -17,7 +17,7 @@ from typing import Any
 
 from experiments.plot import Point, errorbar_plot
 from experiments.runner import read_metrics, run_dir
-from experiments.spec import ExperimentSpec, arms, control_factor, control_of
+from experiments.spec import ExperimentSpec, Factor, arms, control_factor, control_of
 from experiments.stats import Summary, paired, slope, summarize, welch
 
 
@@ -90,10 +90,10 @@ def _trends(spec: ExperimentSpec, per_arm: dict[str, Any]) -> list[dict[str, Any
     are independent, so seeds are not paired across them); the slope is a least-squares fit of every per-seed
     paired difference on x (or log10 x), with its t-interval at n − 2 df.
     """
-    xf, ctrl = _x_factor(spec), control_factor(spec)
-    if xf is None or ctrl is None:
+    factor, ctrl = _x_factor(spec), control_factor(spec)
+    if factor is None or ctrl is None:
         return []
-    factor = next(f for f in spec.factors if f.name == xf)
+    xf, pos = factor.name, _axis(factor)
     groups: dict[str, list[tuple[float, str, list[float]]]] = {}
     for arm in arms(spec):
         vs = per_arm[arm.name].get("vs_control")
@@ -112,7 +112,7 @@ def _trends(spec: ExperimentSpec, per_arm: dict[str, Any]) -> list[dict[str, Any
             if x != ref_x:
                 row["minus_ref"] = welch(diffs, ref).as_dict()
             rows.append(row)
-        xs = [math.log10(x) if factor.log_x else x for x, _, diffs in points for _ in diffs]
+        xs = [pos(x) for x, _, diffs in points for _ in diffs]
         ys = [d for _, _, diffs in points for d in diffs]
         fit = slope(xs, ys).as_dict() if len(set(xs)) > 1 else None
         out.append({"series": label, "factor": xf, "ref": ref_name, "log_x": factor.log_x, "n": len(ys),
@@ -120,17 +120,25 @@ def _trends(spec: ExperimentSpec, per_arm: dict[str, Any]) -> list[dict[str, Any
     return out
 
 
-def _x_factor(spec: ExperimentSpec) -> str | None:
+def _x_factor(spec: ExperimentSpec) -> Factor | None:
+    """The factor whose levels all have an ``x`` (the plots' numeric axis), other than the control factor."""
     ctrl = control_factor(spec)
     for f in spec.factors:
         if (ctrl is None or f.name != ctrl.name) and all(lv.x is not None for lv in f.levels):
-            return f.name
+            return f
     return None
+
+
+def _axis(factor: Factor) -> Any:
+    """Where a level's x sits on the axis the trend is fitted and plotted on: log10 x for a ``log_x`` factor (10,
+    25, 50, 100 % at even steps of the data's growth), else x."""
+    return math.log10 if factor.log_x else float
 
 
 def _plot_series(spec: ExperimentSpec, per_arm: dict[str, Any], diff: bool) -> tuple[dict[str, list[Point]], Any]:
     """Series and x tick labels: the x factor on the axis (numeric), else the arms grouped categorically."""
-    xf = _x_factor(spec)
+    factor = _x_factor(spec)
+    xf = factor.name if factor else None
     ctrl = control_factor(spec)
     series: dict[str, list[Point]] = {}
     ticks: dict[float, str] | None = None
@@ -147,10 +155,9 @@ def _plot_series(spec: ExperimentSpec, per_arm: dict[str, Any], diff: bool) -> t
             if point is not None:
                 series.setdefault(label, []).append((float(combos.index(key)), *point))
         return series, ticks
-    factor = next(f for f in spec.factors if f.name == xf)
-    # a log10 axis puts 10, 25, 50, 100 % at even steps of the data's growth; the ticks keep the level names
-    pos = (lambda x: math.log10(x)) if factor.log_x else (lambda x: x)  # noqa: E731
-    if factor.log_x:
+    assert factor is not None
+    pos = _axis(factor)
+    if factor.log_x:  # the ticks keep the level names
         ticks = {pos(float(lv.x or 1.0)): lv.name for lv in factor.levels}
     for arm in arms(spec):
         label = ",".join(arm.level(f.name).name for f in others if f.name != xf) or "mean"
@@ -266,11 +273,11 @@ def write(spec: ExperimentSpec, command: str = "") -> Path:
     data = build(spec)
     out = Path(spec.results) / spec.name
     out.mkdir(parents=True, exist_ok=True)
-    xf = _x_factor(spec)
-    log_x = xf is not None and next(f for f in spec.factors if f.name == xf).log_x
-    xlabel = (f"{xf} (log scale)" if log_x else xf) or ", ".join(
-        f.name for f in spec.factors if control_factor(spec) is None or f is not control_factor(spec)
-    )
+    factor = _x_factor(spec)
+    if factor is not None:
+        xlabel = f"{factor.name} (log scale)" if factor.log_x else factor.name
+    else:
+        xlabel = ", ".join(f.name for f in spec.factors if f is not control_factor(spec))
     for metric in spec.metrics:
         series, ticks = _plot_series(spec, data["metrics"][metric], diff=False)
         errorbar_plot(series, out / _png(metric), f"{spec.name}: {metric}", metric, xlabel, ticks)

@@ -66,26 +66,30 @@ class FinetuneConfig(PretrainConfig):
 
     @staticmethod
     def prepare_tree(tree: dict[str, Any]) -> dict[str, Any]:
-        """Take the image normalization the recipe leaves out from the pretrain run it starts from.
+        """Fill what the recipe leaves out from the pretrain run it starts from (``model.init``): every model key,
+        and the image normalization ``data.mean``/``data.std``.
 
-        ``data.mean``/``data.std`` belong to the trained network as much as its layers do: an ImageNet-initialized
-        tower pretrained with ImageNet statistics and evaluated with the CLIP defaults sees inputs scaled ~15 %
-        differently, and nothing fails. Keys the recipe (or a command-line override) sets win.
+        The pretrain engine saves its resolved recipe as ``run.dir/config.yaml``; taking the architecture from there
+        means the fine-tuned network is the one that was trained. A mismatch would load without error and quietly
+        cost accuracy (text pooling ``cls`` vs ``mean`` cost 180 RSUM points in the synthetic demo; an ImageNet
+        tower evaluated with the CLIP statistics sees inputs scaled ~15 % differently). Keys the recipe or a
+        command-line override sets win; a run of another model name, or an init that is not a run folder (a
+        safetensors export), lends nothing. A checkpoint folder of a run (``run.dir/checkpoints`` or a tag such as
+        ``run.dir/checkpoints/step400``, to evaluate an intermediate step) counts as that run.
         """
         model = tree.get("model")
         run = _init_run_config(model)
-        run_data = run.get("data")
-        if not isinstance(run_data, dict):  # no run, or another architecture's: nothing to say about this network
+        if not run:
             return tree
-        data = tree.setdefault("data", {})
-        if isinstance(data, dict):
+        tree["model"] = deep_merge(run["model"], model)
+        run_data, data = run.get("data"), tree.setdefault("data", {})
+        if isinstance(run_data, dict) and isinstance(data, dict):
             for key in ("mean", "std"):
                 if key not in data and key in run_data:
                     data[key] = run_data[key]
         return tree
 
     def validate(self, recipe: Any) -> None:
-        self.model = inherit_model_section(self.model)
         super().validate(recipe)
         if int(self.deepspeed.zero_stage) == 3:
             raise ConfigError(
@@ -106,20 +110,6 @@ def load_finetune_config(path: str | Path, overrides: Sequence[str] = (), eval_o
     if not cfg.eval.only and hasattr(cfg.task, "train_json") and not cfg.task.train_json:
         raise ConfigError("task.train_json: required for fine-tuning (or pass --eval-only)")
     return cfg
-
-
-def inherit_model_section(model: Any) -> Any:
-    """Fill the model keys a fine-tune recipe leaves out from the pretrain run it starts from (``model.init``).
-
-    The pretrain engine saves its resolved recipe as ``run.dir/config.yaml``; taking the architecture from there
-    means the fine-tuned network is the one that was trained. A mismatch would load without error and quietly cost
-    accuracy (text pooling ``cls`` vs ``mean`` cost 180 RSUM points in the synthetic demo). Keys the recipe sets
-    win; a run of another model name, or an init that is not a run folder (a safetensors export), is left alone.
-    A checkpoint folder of a run (``run.dir/checkpoints`` or a tag such as ``run.dir/checkpoints/step400``, to
-    evaluate an intermediate step) takes the section from that run's ``config.yaml``.
-    """
-    base = _init_run_config(model).get("model")
-    return deep_merge(base, model) if isinstance(base, dict) else model
 
 
 def _init_run_config(model: Any) -> dict[str, Any]:

@@ -76,6 +76,19 @@ class ClassificationSet:
             list(self.problems),
         )
 
+    def extend(self, other: ClassificationSet) -> ClassificationSet:
+        """This set followed by ``other`` (same classes and image store: splits of one dataset)."""
+        if other.classes != self.classes:
+            raise ValueError(f"cannot join sets with different classes: {self.classes} vs {other.classes}")
+        return ClassificationSet(
+            self.classes,
+            self.refs + other.refs,
+            self.labels + other.labels,
+            self.domains + other.domains,
+            self.store,
+            self.problems + other.problems,
+        )
+
 
 # ============================================================================ STL-10
 def decode_stl10_images(raw: bytes, path: str = "") -> np.ndarray:

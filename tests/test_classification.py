@@ -149,6 +149,27 @@ def test_synthetic_domain_split(synthetic):
     assert img.size == (32, 32)
 
 
+def test_whole_domain_test_set_is_every_split_of_the_held_out_domain(synthetic):
+    opts = ClassificationOptions(root=str(synthetic), train_domains=("plain", "striped"), test_domains=("pastel",),
+                                 test_whole_domain=True)  # fmt: skip
+    opts.validate(None)
+    task = ClassificationTask(_cfg(opts))
+    test, train = task.data("test"), task.data("train")
+    pastel = set()
+    for split in ("train", "val", "test"):
+        for line in (synthetic / f"{split}_scenes.jsonl").read_text().splitlines():
+            row = json.loads(line)
+            if row["scene"]["domain"] == "pastel":
+                pastel.add(f"{row['shard']}/{row['key']}.jpg")
+    assert sorted(test.refs) == sorted(pastel) and len(test) > len(read_synthetic(synthetic, "test", ["pastel"]))
+    assert not set(test.refs) & set(train.refs)
+    # overlapping or missing train domains would test on trained images: refused
+    for bad in ({"train_domains": ("plain", "pastel")}, {"train_domains": ()}):
+        kw = {"train_domains": ("plain", "striped"), "test_domains": ("pastel",), **bad}
+        with pytest.raises(ConfigError, match="test_whole_domain"):
+            ClassificationOptions(root=".", test_whole_domain=True, **kw).validate(None)
+
+
 # ------------------------------------------------------------------------------------------- augmentation
 
 

@@ -70,6 +70,9 @@ class ClassificationOptions(TaskOptions):
     root: str | None = exists_field(None)  # dataset folder (the synthetic out.dir, stl10_binary/, Office-31, ...)
     train_domains: tuple[str, ...] = ()  # synthetic / office31: domains trained (and validated) on; () = all
     test_domains: tuple[str, ...] = ()  # synthetic / office31: domains tested on; () = all
+    # synthetic: test on every split's images of test_domains (none is trained on: the Office-31 pattern, where
+    # the whole target domain is the test set), not only the test split's third; needs disjoint domains
+    test_whole_domain: bool = False
     max_train: int = 0  # first N training items only (0: all); for smoke runs
     augment: Literal["none", "traditional", "style", "traditional+style"] = "none"
     policies: tuple[str, ...] = POLICIES  # the sweep of ``python -m finetune.tasks.classification``
@@ -113,6 +116,13 @@ class ClassificationOptions(TaskOptions):
         overlap = set(self.train_domains) & set(self.test_domains)
         if overlap and self.dataset == "office31":
             raise ConfigError(f"task.test_domains: {sorted(overlap)} also in train_domains (no domain shift)")
+        if self.test_whole_domain and (self.dataset != "synthetic" or not self.test_domains or overlap
+                                       or not self.train_domains):  # fmt: skip
+            raise ConfigError(
+                "task.test_whole_domain: only for the synthetic set with disjoint, non-empty train_domains and "
+                f"test_domains (got {list(self.train_domains)} / {list(self.test_domains)}): otherwise training "
+                "images would be tested on"
+            )
         evaluation = getattr(recipe, "eval", None)
         if evaluation is not None and evaluation.metric != "top1":
             raise ConfigError(f"eval.metric: classification reports 'top1', got {evaluation.metric!r}")
@@ -329,6 +339,11 @@ class ClassificationTask:
                 ds = read_office31(o.root, doms)
             elif o.dataset == "imagefolder":
                 ds = read_imagefolder(o.root, split)
+            elif split == "test" and o.test_whole_domain:
+                ds = read_synthetic(o.root, "test", list(doms))
+                for other in ("train", "val"):
+                    if (Path(o.root) / f"{other}_scenes.jsonl").is_file():
+                        ds = ds.extend(read_synthetic(o.root, other, list(doms)))
             else:
                 ds = read_synthetic(o.root, split, list(doms) or None)
             if split == "train" and o.max_train:

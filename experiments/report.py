@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -265,7 +266,7 @@ def trend_table(trend: dict[str, Any], metric: str) -> str:
 
 
 def _png(metric: str, diff: bool = False) -> str:
-    return metric.replace("/", "_") + ("_diff" if diff else "") + ".png"
+    return re.sub(r"[^A-Za-z0-9_.+-]+", "_", metric) + ("_diff" if diff else "") + ".png"
 
 
 def write(spec: ExperimentSpec, command: str = "") -> Path:

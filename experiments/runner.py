@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from experiments.spec import Arm, EvalSpec, ExperimentSpec, arms
+from experiments.spec import Arm, EvalSpec, ExperimentSpec, arms, metric_operands
 from launch.config import ConfigError
 from launch.files import atomic_write_json
 from launch.local import Entry, torchrun_command
@@ -255,8 +255,8 @@ def read_metrics(spec: ExperimentSpec, arm: Arm, seed: int) -> dict[str, float]:
     """The compared metrics of one finished run, from each evaluation's ``results.json``."""
     root = run_dir(spec, arm, seed)
     by_eval = {ev.name: ev for ev in spec.evals}
-    out: dict[str, float] = {}
-    for metric in spec.metrics:
+
+    def one(metric: str) -> float:
         name, _, key = metric.partition(".")
         path = root / name / "results.json"
         results = json.loads(path.read_text())
@@ -266,7 +266,12 @@ def read_metrics(spec: ExperimentSpec, arm: Arm, seed: int) -> dict[str, float]:
             raise KeyError(f"{path}: no split {split!r} (has {sorted(results.get('splits', {}))})")
         if key not in values:
             raise KeyError(f"{path}: splits.{split} has no metric {key!r} (has {sorted(values)})")
-        out[metric] = float(values[key])
+        return float(values[key])
+
+    out: dict[str, float] = {}
+    for metric in spec.metrics:
+        first, *rest = (one(m) for m in metric_operands(metric))
+        out[metric] = first - rest[0] if rest else first
     return out
 
 

@@ -100,7 +100,8 @@ class ExperimentSpec:
     pretrain: StageSpec | None = None
     evals: list[EvalSpec] = dataclasses.field(default_factory=list)
     factors: list[Factor] = dataclasses.field(default_factory=list)
-    metrics: list[str] = dataclasses.field(default_factory=list)  # "<eval name>.<metric key>"
+    # "<eval name>.<metric key>", or "<a> - <b>": a per-run difference of two of them (a generalisation gap)
+    metrics: list[str] = dataclasses.field(default_factory=list)
     launcher: Literal["local", "slurm"] = "local"
     slurm: list[str] = dataclasses.field(default_factory=list)  # launch overrides (configs/launch keys)
     requires: list[Requirement] = dataclasses.field(default_factory=list)
@@ -149,9 +150,13 @@ class ExperimentSpec:
         if sum(f.control is not None for f in self.factors) > 1:
             raise ConfigError("factors: at most one factor names a control level (the one the arms are paired on)")
         for i, m in enumerate(self.metrics):
-            ev, _, key = m.partition(".")
-            if ev not in names or not key:
-                raise ConfigError(f"metrics[{i}]: {m!r} must be '<eval name>.<metric>' with an eval among {names}")
+            for operand in metric_operands(m):
+                ev, _, key = operand.partition(".")
+                if ev not in names or not key:
+                    raise ConfigError(
+                        f"metrics[{i}]: {operand!r} must be '<eval name>.<metric>' with an eval among {names} "
+                        "(or '<a> - <b>' of two such)"
+                    )
         if not self.metrics:
             raise ConfigError("metrics: name at least one '<eval name>.<metric>' to compare")
 
@@ -188,6 +193,12 @@ class Arm:
             else:
                 out += lv.evals.get(stage, [])
         return out
+
+
+def metric_operands(metric: str) -> list[str]:
+    """``["ev.key"]`` for a plain metric, ``["ev.a", "ev2.b"]`` for the difference ``"ev.a - ev2.b"``."""
+    parts = [p.strip() for p in metric.split(" - ")]
+    return parts if len(parts) <= 2 else [metric]  # three operands: left whole, so validation names it
 
 
 def arms(spec: ExperimentSpec) -> list[Arm]:

@@ -74,7 +74,8 @@ def build(spec: ExperimentSpec) -> dict[str, Any]:
             if ctrl is not None:
                 diffs, s = paired(v, values[metric].get(ctrl.name, {}))
                 entry["vs_control"] = {"control": ctrl.name, "diffs": {str(k): d for k, d in diffs.items()},
-                                       "better": sum(d > 0 for d in diffs.values()), **s.as_dict()}  # fmt: skip
+                                       "better": sum((d < 0) if metric in spec.lower_is_better else (d > 0)
+                                                     for d in diffs.values()), **s.as_dict()}  # fmt: skip
             per_arm[arm.name] = entry
         out["metrics"][metric] = per_arm
         trends = _trends(spec, per_arm)

@@ -102,6 +102,7 @@ class ExperimentSpec:
     factors: list[Factor] = dataclasses.field(default_factory=list)
     # "<eval name>.<metric key>", or "<a> - <b>": a per-run difference of two of them (a generalisation gap)
     metrics: list[str] = dataclasses.field(default_factory=list)
+    lower_is_better: list[str] = dataclasses.field(default_factory=list)  # metrics where a decrease is better
     launcher: Literal["local", "slurm"] = "local"
     slurm: list[str] = dataclasses.field(default_factory=list)  # launch overrides (configs/launch keys)
     requires: list[Requirement] = dataclasses.field(default_factory=list)
@@ -159,6 +160,9 @@ class ExperimentSpec:
                     )
         if not self.metrics:
             raise ConfigError("metrics: name at least one '<eval name>.<metric>' to compare")
+        stray = [m for m in self.lower_is_better if m not in self.metrics]
+        if stray:
+            raise ConfigError(f"lower_is_better: {stray[0]!r} is not one of metrics {self.metrics}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -147,23 +147,33 @@ def test_report_lists_missing_runs(tmp_path):
 
 def test_a_difference_metric_is_paired_per_run(tmp_path):
     """A generalisation gap "train - test" is taken within each run, then summarised and paired like any metric."""
+    gap = "zeroshot.rsum - zeroshot.txt_r1"
     spec = load_spec(REPO / SMOKE, [f"out={tmp_path / 'runs'}", f"results={tmp_path / 'res'}",
-                                    "metrics=[zeroshot.rsum - zeroshot.txt_r1]"])  # fmt: skip
-    from experiments import report
+                                    f"metrics=[{gap}]", f"lower_is_better=[{gap}]"])  # fmt: skip
+    from experiments import practice, report
 
     values = {("mixgen-off", 0): (100.0, 30.0), ("mixgen-off", 1): (90.0, 10.0),
-              ("mixgen-on", 0): (95.0, 35.0), ("mixgen-on", 1): (92.0, 2.0)}  # fmt: skip
+              ("mixgen-on", 0): (95.0, 35.0), ("mixgen-on", 1): (92.0, 12.0)}  # fmt: skip
     for (arm, seed), (rsum, r1) in values.items():
         root = Path(spec.out) / "smoke" / arm / f"seed{seed}" / "zeroshot"
         root.mkdir(parents=True)
         (root / "results.json").write_text(json.dumps({"splits": {"test": {"rsum": rsum, "txt_r1": r1}}}))
     out = report.write(spec)
-    entry = json.loads((out / "results.json").read_text())["metrics"]["zeroshot.rsum - zeroshot.txt_r1"]
+    data = json.loads((out / "results.json").read_text())
+    entry = data["metrics"][gap]
     assert entry["mixgen-off"]["values"] == {"0": 70.0, "1": 80.0}
-    assert entry["mixgen-on"]["vs_control"]["diffs"] == {"0": -10.0, "1": 10.0}  # (95-35)-(100-30), (92-2)-(90-10)
+    vs = entry["mixgen-on"]["vs_control"]
+    assert vs["diffs"] == {"0": -10.0, "1": 0.0}  # (95-35)-(100-30), (92-12)-(90-10)
+    assert vs["better"] == 1  # only the seed whose gap shrank
     assert (out / "zeroshot.rsum_-_zeroshot.txt_r1.png").is_file()
+    # a gap that shrinks on every seed is a "use" when lower is better, an "avoid" otherwise
+    assert practice.verdict({"n": 3, "ci95": [-9.0, -1.0]}, lower_is_better=True) == "use"
+    assert practice.verdict({"n": 3, "ci95": [-9.0, -1.0]}) == "avoid"
+    assert "(lower is better)" in "\n".join(practice.section(spec, data))
     with pytest.raises(ConfigError, match="'nosuch.top1'"):
         load_spec(REPO / SMOKE, ["metrics=[zeroshot.rsum - nosuch.top1]"])
+    with pytest.raises(ConfigError, match="lower_is_better: 'zeroshot.rsum'"):
+        load_spec(REPO / SMOKE, ["lower_is_better=[zeroshot.rsum]", f"metrics=[{gap}]"])
 
 
 def test_untrained_style_network_is_refused(tmp_path):

@@ -198,6 +198,9 @@ def markdown(spec: ExperimentSpec, data: dict[str, Any], command: str = "") -> s
         lines += [images, ""]
         for trend in data.get("trends", {}).get(metric, []):
             lines += [trend_table(trend, metric), ""]
+    if data.get("curves"):
+        lines += ["Training curves (mean over the seeds, bars: 95 % interval):", ""]
+        lines += [" ".join(f"![{name}](curve_{_png(name)})" for name in data["curves"]), ""]
     if data["missing"]:
         lines += ["Runs not finished (left out of n):", ""] + [f"- {m}" for m in data["missing"]] + [""]
     if spec.gpu_recipe:
@@ -266,6 +269,36 @@ def trend_table(trend: dict[str, Any], metric: str) -> str:
     return "\n".join(rows)
 
 
+def curves(spec: ExperimentSpec) -> dict[str, dict[str, list[dict[str, float]]]]:
+    """``{curve name: {arm: [{step, mean, half, n}]}}``: each curve's mean over the seeds at the steps every
+    finished seed logged (a run still going, or one that logged fewer steps, would bias the mean)."""
+    out: dict[str, dict[str, list[dict[str, float]]]] = {}
+    for c in spec.curves:
+        per_arm = out.setdefault(f"{c.stage}.{c.key}", {})
+        for arm in arms(spec):
+            by_seed = []
+            for seed in spec.seeds:
+                path = run_dir(spec, arm, seed) / c.stage / c.file
+                if not path.is_file():
+                    continue
+                rows = {}
+                for line in path.read_text().splitlines():
+                    try:
+                        row = json.loads(line)
+                        rows[int(row["step"])] = float(row[c.key])
+                    except (ValueError, KeyError, TypeError):
+                        continue  # a torn last line of a killed run, or a row without this key
+                if rows:
+                    by_seed.append(rows)
+            steps = sorted(set.intersection(*(set(r) for r in by_seed))) if by_seed else []
+            points = []
+            for step in steps:
+                s = summarize([r[step] for r in by_seed])
+                points.append({"step": step, "mean": s.mean, "half": s.half, "n": s.n})
+            per_arm[arm.name] = points
+    return out
+
+
 def _png(metric: str, diff: bool = False) -> str:
     return re.sub(r"[^A-Za-z0-9_.+-]+", "_", metric) + ("_diff" if diff else "") + ".png"
 
@@ -288,6 +321,13 @@ def write(spec: ExperimentSpec, command: str = "") -> Path:
             ctrl = control_factor(spec)
             errorbar_plot(series, out / _png(metric, True), f"{spec.name}: {metric}, paired diff vs {ctrl.control}",
                           f"{metric} - control", xlabel, ticks, zero_line=True)  # fmt: skip
+    if spec.curves:
+        data["curves"] = curves(spec)
+        labels = {a.name: a.label for a in arms(spec)}
+        for name, per_arm in data["curves"].items():
+            series = {labels[a]: [(p["step"], p["mean"], p["half"]) for p in pts] for a, pts in per_arm.items()}
+            errorbar_plot(series, out / ("curve_" + _png(name)), f"{spec.name}: {name} (mean over seeds)", name,
+                          "step")  # fmt: skip
     data["generated"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     data["runs"] = {a.name: {str(s): str(run_dir(spec, a, s)) for s in spec.seeds} for a in arms(spec)}
     (out / "results.json").write_text(json.dumps(data, indent=1, allow_nan=True) + "\n")

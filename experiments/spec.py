@@ -77,6 +77,15 @@ class Factor:
 
 
 @dataclasses.dataclass
+class Curve:
+    """A per-step series of every run (a JSON-lines log of one stage), drawn per arm as the mean over seeds."""
+
+    stage: str = ""  # "pretrain" or an evaluation's name: the folder of the run that wrote the log
+    key: str = ""  # the field plotted, e.g. top1 (eval.jsonl), train_top1 or loss (metrics.jsonl)
+    file: str = "eval.jsonl"
+
+
+@dataclasses.dataclass
 class Requirement:
     """A file the experiment cannot run without (a trained style network, pretrained weights) and how to make it."""
 
@@ -103,6 +112,7 @@ class ExperimentSpec:
     # "<eval name>.<metric key>", or "<a> - <b>": a per-run difference of two of them (a generalisation gap)
     metrics: list[str] = dataclasses.field(default_factory=list)
     lower_is_better: list[str] = dataclasses.field(default_factory=list)  # metrics where a decrease is better
+    curves: list[Curve] = dataclasses.field(default_factory=list)  # training curves for the report
     launcher: Literal["local", "slurm"] = "local"
     slurm: list[str] = dataclasses.field(default_factory=list)  # launch overrides (configs/launch keys)
     requires: list[Requirement] = dataclasses.field(default_factory=list)
@@ -160,6 +170,10 @@ class ExperimentSpec:
                     )
         if not self.metrics:
             raise ConfigError("metrics: name at least one '<eval name>.<metric>' to compare")
+        stages = [*names, *(["pretrain"] if self.pretrain is not None else [])]
+        for i, c in enumerate(self.curves):
+            if c.stage not in stages or not c.key or not c.file:
+                raise ConfigError(f"curves[{i}]: stage {c.stage!r} must be one of {stages}, with a key and a file")
         stray = [m for m in self.lower_is_better if m not in self.metrics]
         if stray:
             raise ConfigError(f"lower_is_better: {stray[0]!r} is not one of metrics {self.metrics}")

@@ -176,6 +176,28 @@ def test_a_difference_metric_is_paired_per_run(tmp_path):
         load_spec(REPO / SMOKE, ["lower_is_better=[zeroshot.rsum]", f"metrics=[{gap}]"])
 
 
+def test_curves_are_the_mean_over_seeds_at_the_steps_every_seed_logged(tmp_path):
+    spec = load_spec(REPO / SMOKE, [f"out={tmp_path / 'runs'}", f"results={tmp_path / 'res'}",
+                                    'curves=[{stage: pretrain, key: loss, file: metrics.jsonl}]'])  # fmt: skip
+    from experiments import report
+
+    logs = {0: [(10, 4.0), (20, 3.0), (30, 2.0)], 1: [(10, 2.0), (20, 1.0)]}  # seed 1 stopped before step 30
+    for seed, rows in logs.items():
+        root = Path(spec.out) / "smoke" / "mixgen-off" / f"seed{seed}" / "pretrain"
+        root.mkdir(parents=True)
+        text = "".join(json.dumps({"step": st, "loss": v, "lr": 0.1}) + "\n" for st, v in rows)
+        (root / "metrics.jsonl").write_text(text + '{"step": 40, "lo')  # a torn last line is skipped
+    out = report.write(spec)
+    got = json.loads((out / "results.json").read_text())["curves"]["pretrain.loss"]
+    assert [(p["step"], p["mean"], p["n"]) for p in got["mixgen-off"]] == [(10, 3.0, 2), (20, 2.0, 2)]
+    # t_.975,1 * s / sqrt(n) with s = sqrt(2), n = 2
+    assert got["mixgen-off"][0]["half"] == pytest.approx(12.7062047 * 2**0.5 / 2**0.5, rel=1e-4)
+    assert got["mixgen-on"] == []
+    assert (out / "curve_pretrain.loss.png").is_file() and "curve_pretrain.loss.png" in (out / "README.md").read_text()
+    with pytest.raises(ConfigError, match="curves\\[0\\]: stage 'nosuch'"):
+        load_spec(REPO / SMOKE, ["curves=[{stage: nosuch, key: loss}]"])
+
+
 def test_untrained_style_network_is_refused(tmp_path):
     from safetensors.torch import save_file
 

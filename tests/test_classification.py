@@ -226,6 +226,29 @@ def test_style_policy_stylizes_the_chosen_fraction(style_checkpoint):
     assert not any(p.requires_grad for p in model.backbone.text.parameters())
 
 
+def test_eval_stylized_feeds_every_test_image_stylized(synthetic, style_checkpoint):
+    common = {"root": str(synthetic), "style_checkpoint": str(style_checkpoint), "style_use_predictor": False,
+              "style_p": 0.0}  # fmt: skip  (style_p is the training fraction; the diagnostic stylizes all)
+    seen: dict[bool, list[torch.Tensor]] = {False: [], True: []}
+    backbone = TinyBackbone()
+    ClassificationModel(backbone, 6)
+    for stylized in (False, True, True):
+        task = ClassificationTask(_cfg(ClassificationOptions(eval_stylized=stylized, **common), image_size=32))
+        inputs: list[torch.Tensor] = []
+        hook = backbone.visual.register_forward_pre_hook(lambda m, args, got=inputs: got.append(args[0].clone()))
+        metrics = task.evaluate(backbone, "test")
+        hook.remove()
+        assert metrics["num_images"] == len(task.data("test"))
+        if seen[stylized]:  # the same styles on a second evaluation: models are compared on one stylized set
+            assert all(torch.equal(a, b) for a, b in zip(seen[stylized], inputs))
+        seen[stylized] = inputs
+    clean, styled = torch.cat(seen[False]), torch.cat(seen[True])
+    assert clean.shape == styled.shape
+    assert all(not torch.allclose(clean[i], styled[i]) for i in range(len(clean)))
+    with pytest.raises(ConfigError, match="task.style_checkpoint"):
+        ClassificationOptions(root=".", eval_stylized=True).validate(None)
+
+
 def test_config_checks():
     opts = ClassificationOptions(root=".", augment="style")
     with pytest.raises(ConfigError, match="task.style_checkpoint"):

@@ -91,6 +91,9 @@ class ClassificationOptions(TaskOptions):
     style_embeddings: str | None = exists_field(None)  # or: public embedding stats with random weights (demo only)
     style_use_predictor: bool = True  # false: the mean embedding stands in for P(c) (images < 43 px)
     image_log_every: int = 0  # steps between TensorBoard grids of original / stylized images
+    # evaluate on stylized copies of every image (alpha = style_alpha): how much of the label survives the style
+    # network, and whether a model has learnt to ignore style (a diagnostic; the test set itself is unchanged)
+    eval_stylized: bool = False
 
     def validate(self, recipe: Any) -> None:
         if not self.root:
@@ -127,6 +130,8 @@ class ClassificationOptions(TaskOptions):
         if evaluation is not None and evaluation.metric != "top1":
             raise ConfigError(f"eval.metric: classification reports 'top1', got {evaluation.metric!r}")
         self.check_style(self.augment)
+        if self.eval_stylized:
+            self.check_style("style")
 
     def uses_style(self, policy: str | None = None) -> bool:
         return "style" in (policy or self.augment)
@@ -177,8 +182,11 @@ class TraditionalTransform:
         return to_normalized_tensor(img, self.mean, self.std)
 
 
-def build_style_augment(opts: ClassificationOptions, mean: Sequence[float], std: Sequence[float]) -> Any:
-    """The batched online stylizer of the style policies (our checkpoint, or public statistics + random weights)."""
+def build_style_augment(
+    opts: ClassificationOptions, mean: Sequence[float], std: Sequence[float], every_image: bool = False
+) -> Any:
+    """The batched online stylizer of the style policies (our checkpoint, or public statistics + random weights);
+    ``every_image`` stylizes the whole batch whatever style_p / style_ratio say."""
     from data_prep.style.online import OnlineStyleAugment
     from data_prep.style.stage import ModelSection, build_randomizer
 
@@ -195,6 +203,8 @@ def build_style_augment(opts: ClassificationOptions, mean: Sequence[float], std:
     )
     randomizer, info = build_randomizer(cfg, torch.device("cpu"))
     log.info("style augmentation network: %s", info)
+    if every_image:
+        return OnlineStyleAugment(randomizer, mean, std, p=1.0, alpha=opts.style_alpha)
     return OnlineStyleAugment(randomizer, mean, std, p=opts.style_p, ratio=opts.style_ratio, alpha=opts.style_alpha)
 
 
@@ -313,6 +323,7 @@ class ClassificationTask:
         d = cfg.data
         self.eval_tf = eval_transform(d.image_size, d.mean, d.std)
         self._sets: dict[str, ClassificationSet] = {}
+        self._eval_style: Any = None
 
     # -- data -------------------------------------------------------------------------------------------------
     def json_of(self, split: str) -> str | None:
@@ -359,6 +370,13 @@ class ClassificationTask:
             return TraditionalTransform(d.image_size, d.mean, d.std, o.crop_scale, o.rotation, o.jitter, o.flip)
         return self.eval_tf
 
+    def _stylize_for_eval(self, images: torch.Tensor, split: str, first_item: int) -> torch.Tensor:
+        # styles drawn from (seed, split, first item of the batch): the same stylized set for every model compared
+        if self._eval_style is None:
+            self._eval_style = build_style_augment(self.opts, self.cfg.data.mean, self.cfg.data.std, every_image=True)
+        gen = torch.Generator().manual_seed(_seed(self.cfg.run.seed, "eval_stylized", split, first_item))
+        return self._eval_style(images, generator=gen)
+
     # -- the task interface -----------------------------------------------------------------------------------
     def build_model(self, backbone: nn.Module) -> ClassificationModel:
         o, d = self.opts, self.cfg.data
@@ -394,7 +412,10 @@ class ClassificationTask:
                     counts[doms.index(ds.domains[mine[i]]), 2] += 1
                 if b["image"] is None:
                     continue
-                pred = classify(backbone, b["image"].to(device, dtype)).argmax(-1).cpu()
+                images = b["image"]
+                if self.opts.eval_stylized:
+                    images = self._stylize_for_eval(images, split, mine[b["index"][0]])
+                pred = classify(backbone, images.to(device, dtype)).argmax(-1).cpu()
                 for j, p in zip(b["index"], pred.tolist()):
                     item = mine[j]
                     row = doms.index(ds.domains[item])

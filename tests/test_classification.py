@@ -249,6 +249,31 @@ def test_eval_stylized_feeds_every_test_image_stylized(synthetic, style_checkpoi
         ClassificationOptions(root=".", eval_stylized=True).validate(None)
 
 
+def test_eval_only_of_a_fine_tuned_run_restores_its_head(synthetic, tmp_path, caplog):
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    trained = TinyBackbone()
+    model = ClassificationModel(trained, 6)
+    ckpt = tmp_path / "best.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(ckpt))  # backbone.* keys, as saved
+    opts = ClassificationOptions(root=str(synthetic))
+    cfg = _cfg(opts, image_size=32)
+    expected = ClassificationTask(cfg).evaluate(trained, "test")
+    fresh = TinyBackbone()  # the tower loaded by model.init, no head yet (what --eval-only builds)
+    fresh.visual.load_state_dict(trained.visual.state_dict())
+    cfg.model = SimpleNamespace(init=str(ckpt))
+    assert ClassificationTask(cfg).evaluate(fresh, "test") == expected
+    assert torch.equal(fresh.cls_head.weight, trained.cls_head.weight)
+    # an init without the head (a pretrain run) evaluates an untrained head, and says so
+    bare = tmp_path / "tower.safetensors"
+    save_file({k: v.contiguous() for k, v in TinyBackbone().state_dict().items()}, str(bare))
+    cfg.model = SimpleNamespace(init=str(bare))
+    with caplog.at_level(logging.WARNING):
+        ClassificationTask(cfg).evaluate(TinyBackbone(), "test")
+    assert "untrained classifier" in caplog.text
+
+
 def test_config_checks():
     opts = ClassificationOptions(root=".", augment="style")
     with pytest.raises(ConfigError, match="task.style_checkpoint"):

@@ -318,6 +318,8 @@ class LabelLoader(CaptionLoader):
 class ClassificationTask:
     """Classification fine-tuning and top-1 evaluation for the shared engine (see the module docstring)."""
 
+    init_optional_keys = (HEAD + ".",)  # absent from a pretrain run, present in a fine-tuned best.safetensors
+
     def __init__(self, cfg: Any, rank: int = 0, world: int = 1) -> None:
         self.cfg, self.opts, self.rank, self.world = cfg, cfg.task, rank, world
         d = cfg.data
@@ -370,6 +372,18 @@ class ClassificationTask:
             return TraditionalTransform(d.image_size, d.mean, d.std, o.crop_scale, o.rotation, o.jitter, o.flip)
         return self.eval_tf
 
+    def _ensure_head(self, backbone: nn.Module, num_classes: int) -> None:
+        """``--eval-only`` of a fine-tuned run: attach the head and load its weights from ``model.init``."""
+        if isinstance(getattr(backbone, HEAD, None), nn.Linear):
+            return
+        from finetune.pairs import load_head_init
+
+        _, tower = vision_tower(backbone)
+        device = next(backbone.parameters()).device
+        backbone.add_module(HEAD, nn.Linear(vision_width(tower), num_classes).to(device))
+        if not load_head_init(backbone, HEAD, self.cfg.model.init) and self.rank == 0:
+            log.warning("model.init has no %s weights: evaluating an untrained classifier", HEAD)
+
     def _stylize_for_eval(self, images: torch.Tensor, split: str, first_item: int) -> torch.Tensor:
         # styles drawn from (seed, split, first item of the batch): the same stylized set for every model compared
         if self._eval_style is None:
@@ -397,6 +411,7 @@ class ClassificationTask:
     def evaluate(self, backbone: nn.Module, split: str) -> dict[str, Any]:
         """Top-1 over ``split`` (overall and per domain); each rank takes every world-th image, counts are summed."""
         ds = self.data(split)
+        self._ensure_head(backbone, len(ds.classes))
         doms = sorted(set(ds.domains))
         mine = list(range(self.rank, len(ds), self.world))
         counts = torch.zeros(len(doms) + 1, 3, dtype=torch.float64)  # correct, total, failed (last row: all)

@@ -13,7 +13,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from experiments.report import diff_table, metric_table, trend_table
+from experiments.report import averaged_table, diff_table, metric_table, trend_table
 from experiments.spec import ExperimentSpec, control_factor, load_spec
 
 HEADER = """# Practice guide: MixGen and style randomization settings
@@ -85,6 +85,17 @@ def section(spec: ExperimentSpec, data: dict[str, Any]) -> list[str]:
                         f"{ci}, n={vs['n']}")  # fmt: skip
         for trend in data.get("trends", {}).get(metric, []):
             rows.append(f"- {trend_verdict(trend, ctrl.name, ctrl.control, metric)}")
+        averaged = data.get("averaged", {}).get(metric, {})
+        for key, entry in averaged.items():
+            vs = entry.get("vs_control")
+            if vs is not None:
+                ci = f"{vs['mean']:+.2f} [{vs['ci95'][0]:+.2f}, {vs['ci95'][1]:+.2f}]" if vs["n"] >= 2 else "—"
+                lower = metric in spec.lower_is_better
+                rows.append(f"- {key}, mean over {spec.average_over}, vs {vs['control']}, {metric}: "
+                            f"**{verdict(vs, lower)}**; paired difference {ci}, n={vs['n']}")  # fmt: skip
+        if averaged:
+            lines += [*rows, "", averaged_table(spec, data, metric), ""]
+            rows = []
         lines += [*rows, "", diff_table(spec, data, metric), "", metric_table(spec, data, metric), ""]
         lines += [x for t in data.get("trends", {}).get(metric, []) for x in (trend_table(t, metric), "")]
     if data.get("missing"):

@@ -78,9 +78,42 @@ def build(spec: ExperimentSpec) -> dict[str, Any]:
                                                      for d in diffs.values()), **s.as_dict()}  # fmt: skip
             per_arm[arm.name] = entry
         out["metrics"][metric] = per_arm
+        if spec.average_over:
+            lower = metric in spec.lower_is_better
+            out.setdefault("averaged", {})[metric] = _averaged(spec, values[metric], lower)
         trends = _trends(spec, per_arm)
         if trends:
             out.setdefault("trends", {})[metric] = trends
+    return out
+
+
+def _averaged(spec: ExperimentSpec, values: dict[str, dict[int, float]], lower: bool) -> dict[str, Any]:
+    """Per group of arms that differ only in the ``average_over`` level: each seed's mean over those levels
+    (only seeds with every level finished), summarised over seeds and paired with the control group."""
+    avg = spec.average_over
+    assert avg is not None
+    nlevels = len(next(f for f in spec.factors if f.name == avg).levels)
+    groups: dict[str, dict[str, Any]] = {}
+    for arm in arms(spec):
+        key = ", ".join(f"{f}={lv.name}" for f, lv in arm.levels if f != avg)
+        g = groups.setdefault(key, {"per_seed": {}, "control": None})
+        for seed, v in values.get(arm.name, {}).items():
+            g["per_seed"].setdefault(seed, []).append(v)
+        ctrl = control_of(spec, arm)
+        if ctrl is not None:
+            g["control"] = ", ".join(f"{f}={lv.name}" for f, lv in ctrl.levels if f != avg)
+    means = {k: {s: sum(v) / len(v) for s, v in g["per_seed"].items() if len(v) == nlevels}
+             for k, g in groups.items()}  # fmt: skip
+    out: dict[str, Any] = {}
+    for key, g in groups.items():
+        m = means[key]
+        entry: dict[str, Any] = {"values": {str(s): m[s] for s in sorted(m)}, **summarize(list(m.values())).as_dict()}
+        if g["control"] is not None:
+            diffs, summary = paired(m, means[g["control"]])
+            entry["vs_control"] = {"control": g["control"], "diffs": {str(k): d for k, d in diffs.items()},
+                                   "better": sum((d < 0) if lower else (d > 0) for d in diffs.values()),
+                                   **summary.as_dict()}  # fmt: skip
+        out[key] = entry
     return out
 
 
@@ -190,6 +223,8 @@ def markdown(spec: ExperimentSpec, data: dict[str, Any], command: str = "") -> s
     if command:
         lines += ["```bash", command, "```", ""]
     for metric in spec.metrics:
+        if data.get("averaged"):
+            lines += [averaged_table(spec, data, metric), ""]
         lines += [metric_table(spec, data, metric), ""]
         images = f"![{metric}]({_png(metric)})"
         if control_factor(spec) is not None:
@@ -217,6 +252,35 @@ def metric_table(spec: ExperimentSpec, data: dict[str, Any], metric: str) -> str
             f"| {arm.label} | {e['n']} | {_pm(s)} | {_ci(s)} | {_seeds({int(k): v for k, v in e['values'].items()})} |"
         )
     return "\n".join(rows)
+
+
+def averaged_table(spec: ExperimentSpec, data: dict[str, Any], metric: str) -> str:
+    """The ``average_over`` summary: each group's per-seed mean over that factor's levels, and its paired
+    difference with the control group."""
+    rows = [
+        f"**{metric}: mean over {spec.average_over}** (per seed, only seeds with every {spec.average_over} level)",
+        "",
+        "| arms | n | mean ± 95 % CI | per seed | paired diff vs control | interval | seeds better |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for key, e in data["averaged"][metric].items():
+        s = Summary(e["n"], e["mean"], e["sd"], e["ci95_half"])
+        vals = _seeds({int(k): v for k, v in e["values"].items()})
+        vs = e.get("vs_control")
+        if vs is None:
+            cells = "– | – | –"
+        else:
+            d = Summary(vs["n"], vs["mean"], vs["sd"], vs["ci95_half"])
+            sign = f"**{d.mean:+.2f} ± {d.half:.2f}**" if d.excludes_zero() else _pm_signed(d)
+            cells = f"{sign} | {_ci(d)} | {vs['better']}/{vs['n']}"
+        rows.append(f"| {key} | {e['n']} | {_pm(s)} | {vals} | {cells} |")
+    return "\n".join(rows)
+
+
+def _pm_signed(s: Summary) -> str:
+    if s.n == 0:
+        return "—"
+    return f"{s.mean:+.2f} ± {s.half:.2f}" if s.n >= 2 else f"{s.mean:+.2f} (n=1)"
 
 
 def diff_table(spec: ExperimentSpec, data: dict[str, Any], metric: str) -> str:

@@ -113,6 +113,9 @@ class ExperimentSpec:
     metrics: list[str] = dataclasses.field(default_factory=list)
     lower_is_better: list[str] = dataclasses.field(default_factory=list)  # metrics where a decrease is better
     curves: list[Curve] = dataclasses.field(default_factory=list)  # training curves for the report
+    # a factor whose levels are averaged per seed (Office-31's "Avg" over the transfer tasks), reported beside
+    # the per-level tables: the seed stays the unit of replication, the interval is over seeds
+    average_over: str | None = None
     launcher: Literal["local", "slurm"] = "local"
     slurm: list[str] = dataclasses.field(default_factory=list)  # launch overrides (configs/launch keys)
     requires: list[Requirement] = dataclasses.field(default_factory=list)
@@ -174,6 +177,13 @@ class ExperimentSpec:
         for i, c in enumerate(self.curves):
             if c.stage not in stages or not c.key or not c.file:
                 raise ConfigError(f"curves[{i}]: stage {c.stage!r} must be one of {stages}, with a key and a file")
+        if self.average_over is not None:
+            ctrl = next((f.name for f in self.factors if f.control is not None), None)
+            if self.average_over not in [f.name for f in self.factors] or self.average_over == ctrl:
+                raise ConfigError(
+                    f"average_over: {self.average_over!r} must name a factor other than the control factor "
+                    f"({[f.name for f in self.factors if f.name != ctrl]})"
+                )
         stray = [m for m in self.lower_is_better if m not in self.metrics]
         if stray:
             raise ConfigError(f"lower_is_better: {stray[0]!r} is not one of metrics {self.metrics}")

@@ -198,6 +198,35 @@ def test_curves_are_the_mean_over_seeds_at_the_steps_every_seed_logged(tmp_path)
         load_spec(REPO / SMOKE, ["curves=[{stage: nosuch, key: loss}]"])
 
 
+def test_average_over_a_factor_is_taken_per_seed_then_paired(tmp_path):
+    """Office-31's "Avg" column: per seed, the mean over the transfer tasks; the interval is over seeds."""
+    domain = '{name: domain, levels: [{name: a}, {name: b}]}'
+    ctrl = '{name: mixgen, control: "off", levels: [{name: "off"}, {name: "on"}]}'
+    spec = load_spec(REPO / SMOKE, [f"out={tmp_path / 'runs'}", f"results={tmp_path / 'res'}", "seeds=[0, 1, 2]",
+                                    f"factors=[{domain}, {ctrl}]", "average_over=domain"])  # fmt: skip
+    from experiments import practice, report
+
+    rsum = {("a", "off"): [10, 20, 30], ("b", "off"): [30, 40, 50],
+            ("a", "on"): [14, 22, 33], ("b", "on"): [32, 46], }  # fmt: skip  (b/on seed 2 missing)
+    for (dom, mix), vals in rsum.items():
+        for seed, v in enumerate(vals):
+            root = Path(spec.out) / "smoke" / f"domain-{dom}__mixgen-{mix}" / f"seed{seed}" / "zeroshot"
+            root.mkdir(parents=True)
+            (root / "results.json").write_text(json.dumps({"splits": {"test": {"rsum": v, "txt_r1": 1.0}}}))
+    out = report.write(spec)
+    data = json.loads((out / "results.json").read_text())
+    avg = data["averaged"]["zeroshot.rsum"]
+    assert avg["mixgen=off"]["values"] == {"0": 20.0, "1": 30.0, "2": 40.0}
+    assert avg["mixgen=on"]["values"] == {"0": 23.0, "1": 34.0}  # seed 2 lacks domain b: left out, not half-averaged
+    vs = avg["mixgen=on"]["vs_control"]
+    assert vs["control"] == "mixgen=off" and vs["diffs"] == {"0": 3.0, "1": 4.0} and vs["better"] == 2
+    assert vs["ci95_half"] == pytest.approx(12.7062047 * (0.5**0.5) / 2**0.5, rel=1e-4)  # sd of (3, 4) = sqrt(.5)
+    assert "mean over domain" in (out / "README.md").read_text()
+    assert any("mixgen=on, mean over domain" in line for line in practice.section(spec, data))
+    with pytest.raises(ConfigError, match="average_over: 'mixgen'"):
+        load_spec(REPO / SMOKE, [f"factors=[{domain}, {ctrl}]", "average_over=mixgen"])
+
+
 def test_untrained_style_network_is_refused(tmp_path):
     from safetensors.torch import save_file
 

@@ -114,7 +114,8 @@ def generate(recipes: list[Path], results_root: Path) -> str:
         if counted:
             measured += section(spec, data)
         else:
-            why = "requires " + "; ".join(r.what for r in spec.requires) if spec.requires else "not run here"
+            lacking = [r.what for r in spec.requires if not Path(r.path).exists()]
+            why = "requires " + "; ".join(lacking) if lacking else "not run here (CPU time)"
             unknown.append(f"- `{recipe}` ({spec.claim.strip()}): unknown; {why}.")
     decisive = [f"{line} ({name})" for name, line in _decisive_lines(measured)]
     glance = ["## At a glance", "", "The verdicts whose interval excludes zero (every other comparison below: no "

@@ -261,6 +261,16 @@ def test_practice_guide_states_verdicts_from_intervals(tmp_path):
     assert "zeroshot.txt_r1: **no evidence either way**" in text
     assert "style_policies_stl10.yaml" in text.split("What remains unknown")[1]
     assert practice.verdict({"n": 3, "ci95": [-5.0, -1.0]}) == "avoid"
+    # an unmeasured recipe says why: a requirement that is missing, or (all present) only the compute
+    lacking = tmp_path / "lacking.yaml"
+    lacking.write_text((REPO / SMOKE).read_text().replace("name: smoke", "name: lacking")
+                       + f"requires: [{{path: {tmp_path / 'nosuch.safetensors'}, what: a trained thing}}]\n")
+    present = tmp_path / "present.yaml"
+    present.write_text((REPO / SMOKE).read_text().replace("name: smoke", "name: present")
+                       + f"requires: [{{path: {lacking}, what: a file that exists}}]\n")
+    unknown = practice.generate([lacking, present], tmp_path / "res").split("What remains unknown")[1]
+    assert "requires a trained thing" in unknown and "not run here (CPU time)" in unknown
+    assert "a file that exists" not in unknown
 
 
 def test_drop_checkpoints_only_where_a_weights_copy_remains(tmp_path):

@@ -298,7 +298,7 @@ def diff_table(spec: ExperimentSpec, data: dict[str, Any], metric: str) -> str:
             continue
         s = Summary(e["n"], e["mean"], e["sd"], e["ci95_half"])
         diffs = {int(k): v for k, v in e["diffs"].items()}
-        sign = f"{s.mean:+.2f} ± {s.half:.2f}" if s.n >= 2 else (f"{s.mean:+.2f} (n=1)" if s.n else "—")
+        sign = _pm_signed(s)
         rows.append(f"| {arm.label} | {e['n']} | {sign} | {_ci(s)} | {e['better']}/{e['n']} | {_seeds(diffs, True)} |")
     return "\n".join(rows)
 

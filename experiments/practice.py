@@ -64,6 +64,14 @@ def trend_verdict(trend: dict[str, Any], control_factor: str, control_level: str
     return f"{what}: **no evidence that the effect changes with {xf}**; {ci}"
 
 
+def _verdict_row(what: str, vs: dict[str, Any], metric: str, spec: ExperimentSpec) -> str:
+    """One recommendation line: the comparison, its verdict and the paired difference with its interval."""
+    lower = metric in spec.lower_is_better
+    ci = f"{vs['mean']:+.2f} [{vs['ci95'][0]:+.2f}, {vs['ci95'][1]:+.2f}]" if vs["n"] >= 2 else "—"
+    return (f"- {what}, {metric}{' (lower is better)' if lower else ''}: **{verdict(vs, lower)}**; "
+            f"paired difference {ci}, n={vs['n']}")  # fmt: skip
+
+
 def section(spec: ExperimentSpec, data: dict[str, Any]) -> list[str]:
     ctrl = control_factor(spec)
     lines = [f"## {spec.name}", "", f"*Claim tested:* {spec.claim}", ""]
@@ -78,21 +86,14 @@ def section(spec: ExperimentSpec, data: dict[str, Any]) -> list[str]:
             if vs is None:
                 continue
             label = next(a["label"] for a in data["arms"] if a["name"] == arm_name)
-            ci = f"{vs['mean']:+.2f} [{vs['ci95'][0]:+.2f}, {vs['ci95'][1]:+.2f}]" if vs["n"] >= 2 else "—"
-            lower = metric in spec.lower_is_better
-            rows.append(f"- {label} vs {ctrl.name}={ctrl.control}, {metric}{' (lower is better)' if lower else ''}: "
-                        f"**{verdict(vs, lower)}**; paired difference "
-                        f"{ci}, n={vs['n']}")  # fmt: skip
+            rows.append(_verdict_row(f"{label} vs {ctrl.name}={ctrl.control}", vs, metric, spec))
         for trend in data.get("trends", {}).get(metric, []):
             rows.append(f"- {trend_verdict(trend, ctrl.name, ctrl.control, metric)}")
         averaged = data.get("averaged", {}).get(metric, {})
         for key, entry in averaged.items():
             vs = entry.get("vs_control")
             if vs is not None:
-                ci = f"{vs['mean']:+.2f} [{vs['ci95'][0]:+.2f}, {vs['ci95'][1]:+.2f}]" if vs["n"] >= 2 else "—"
-                lower = metric in spec.lower_is_better
-                rows.append(f"- {key}, mean over {spec.average_over}, vs {vs['control']}, {metric}: "
-                            f"**{verdict(vs, lower)}**; paired difference {ci}, n={vs['n']}")  # fmt: skip
+                rows.append(_verdict_row(f"{key}, mean over {spec.average_over}, vs {vs['control']}", vs, metric, spec))
         if averaged:
             lines += [*rows, "", averaged_table(spec, data, metric), ""]
             rows = []

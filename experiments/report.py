@@ -72,10 +72,8 @@ def build(spec: ExperimentSpec) -> dict[str, Any]:
             }
             ctrl = control_of(spec, arm)
             if ctrl is not None:
-                diffs, s = paired(v, values[metric].get(ctrl.name, {}))
-                entry["vs_control"] = {"control": ctrl.name, "diffs": {str(k): d for k, d in diffs.items()},
-                                       "better": sum((d < 0) if metric in spec.lower_is_better else (d > 0)
-                                                     for d in diffs.values()), **s.as_dict()}  # fmt: skip
+                lower = metric in spec.lower_is_better
+                entry["vs_control"] = _vs_control(ctrl.name, v, values[metric].get(ctrl.name, {}), lower)
             per_arm[arm.name] = entry
         out["metrics"][metric] = per_arm
         if spec.average_over:
@@ -85,6 +83,14 @@ def build(spec: ExperimentSpec) -> dict[str, Any]:
         if trends:
             out.setdefault("trends", {})[metric] = trends
     return out
+
+
+def _vs_control(control: str, treated: dict[int, float], base: dict[int, float], lower: bool) -> dict[str, Any]:
+    """The paired difference treated − control over their common seeds, and how many seeds improved."""
+    diffs, summary = paired(treated, base)
+    better = sum((d < 0) if lower else (d > 0) for d in diffs.values())
+    return {"control": control, "diffs": {str(k): d for k, d in diffs.items()}, "better": better,
+            **summary.as_dict()}  # fmt: skip
 
 
 def _averaged(spec: ExperimentSpec, values: dict[str, dict[int, float]], lower: bool) -> dict[str, Any]:
@@ -109,10 +115,7 @@ def _averaged(spec: ExperimentSpec, values: dict[str, dict[int, float]], lower: 
         m = means[key]
         entry: dict[str, Any] = {"values": {str(s): m[s] for s in sorted(m)}, **summarize(list(m.values())).as_dict()}
         if g["control"] is not None:
-            diffs, summary = paired(m, means[g["control"]])
-            entry["vs_control"] = {"control": g["control"], "diffs": {str(k): d for k, d in diffs.items()},
-                                   "better": sum((d < 0) if lower else (d > 0) for d in diffs.values()),
-                                   **summary.as_dict()}  # fmt: skip
+            entry["vs_control"] = _vs_control(g["control"], m, means[g["control"]], lower)
         out[key] = entry
     return out
 

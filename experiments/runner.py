@@ -172,6 +172,28 @@ def _header(path: Path) -> dict[str, str]:
         return dict(fh.metadata() or {})
 
 
+def check_stages(spec: ExperimentSpec) -> None:
+    """Refuse, before any work, a recipe whose stages would fail to start: every pretraining and evaluation recipe
+    of every arm is validated with its overrides (keys and values; files made by earlier stages need not exist)."""
+    from launch.config import load_config
+    from launch.recipes import schema_of
+
+    problems = []
+    for arm in arms(spec):
+        for stage in stages(spec, arm, spec.seeds[0]):
+            schema = schema_of(stage.entry.name)
+            if stage.kind == "data" or schema is None:
+                continue
+            # the shards exist only once the data stage has built them; any brace pattern validates the same way
+            over = [o.replace("{train_shards}", "train/{00000..00001}.tar") for o in stage.overrides]
+            try:
+                load_config(schema, stage.config, over, check_paths=False)
+            except (ConfigError, OSError) as exc:
+                problems.append(f"{arm.label}, {stage.kind} ({stage.config}): {exc}")
+    if problems:
+        raise ConfigError(f"{spec.name}: stages that would fail:\n  " + "\n  ".join(problems))
+
+
 def check_requirements(spec: ExperimentSpec) -> None:
     """Refuse, before any work, when a required file (a trained style network, ...) is missing or untrained."""
     lines = []
@@ -290,6 +312,7 @@ def run(spec: ExperimentSpec, only_arms: Sequence[str] = (), dry_run: bool = Fal
     on slurm, stage kind by stage kind: every pending pretraining job at once, then every evaluation.
     """
     check_requirements(spec)
+    check_stages(spec)
     selected = [a for a in arms(spec) if not only_arms or a.name in only_arms]
     if only_arms and len(selected) != len(set(only_arms)):
         known = [a.name for a in arms(spec)]

@@ -39,3 +39,14 @@ def loader_of(entry: str) -> RecipeLoader | None:
     except KeyError:
         raise ConfigError(f"entry {entry!r}: module {MODULES[entry]} registers no recipe loader") from None
     return load
+
+
+def schema_of(entry: str) -> type | None:
+    """The recipe schema ``entry`` registered, or None when it registers none."""
+    if entry not in MODULES:
+        return None
+    try:
+        schema, _ = _RECIPES.get(entry)
+    except KeyError:
+        raise ConfigError(f"entry {entry!r}: module {MODULES[entry]} registers no recipe loader") from None
+    return schema

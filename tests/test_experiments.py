@@ -13,6 +13,7 @@ import pytest
 import torch
 from helpers import REPO, subprocess_env
 
+from experiments.runner import check_stages
 from experiments.spec import arms, control_of, load_spec
 from experiments.stats import paired, summarize, t_quantile_975
 from launch.config import ConfigError
@@ -70,6 +71,29 @@ def test_missing_requirement_stops_before_any_work(tmp_path):
     assert "needs a trained style network" in res.stderr and "nothing was started" in res.stderr
     assert "configs/pretrain/style_tiny.yaml" in res.stderr
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "recipe", sorted(str(p.relative_to(REPO)) for p in (REPO / "experiments/recipes").rglob("*.yaml"))
+)
+def test_every_shipped_recipe_starts(recipe):
+    # every stage of every arm validates against its entry's schema: a recipe that would fail hours in is caught
+    check_stages(load_spec(REPO / recipe))
+
+
+def test_a_stage_that_would_fail_stops_the_run_before_any_work(tmp_path):
+    # a bad key in one arm's evaluation overrides, and a bad value in the other's pretraining: both are named
+    factors = ("factors=[{name: mixgen, control: 'off', levels: [{name: 'off', pretrain: [mixgen.enabled=false], "
+               "evals: {zeroshot: [eval.no_such_key=1]}}, {name: 'on', pretrain: [mixgen.enabled=true, "
+               "mixgen.ratio=2.0]}]}]")  # fmt: skip
+    with pytest.raises(ConfigError) as err:
+        check_stages(load_spec(REPO / SMOKE, [factors]))
+    assert "mixgen=off, zeroshot" in str(err.value) and "no_such_key" in str(err.value)
+    assert "mixgen=on, pretrain" in str(err.value) and "mixgen.ratio" in str(err.value)
+    out = tmp_path / "runs"
+    res = _experiments("run", SMOKE, f"out={out}", f"results={tmp_path / 'res'}", factors, timeout=120)
+    assert res.returncode == 2 and "stages that would fail" in res.stderr, res.stderr
+    assert not out.exists()  # not even the data set was built
 
 
 @pytest.mark.slow

@@ -30,23 +30,23 @@ register = _RECIPES.register  # decorator: @register("entry name", Schema) on ``
 RecipeLoader = Callable[[Any, Sequence[str]], Any]
 
 
-def loader_of(entry: str) -> RecipeLoader | None:
-    """The recipe loader ``entry`` registered, or None when it registers none."""
+def _registered(entry: str) -> tuple[type, RecipeLoader] | None:
+    """(schema, loader) that ``entry`` registered, or None when it is not an entry that registers one."""
     if entry not in MODULES:
         return None
     try:
-        _, load = _RECIPES.get(entry)
+        return _RECIPES.get(entry)
     except KeyError:
         raise ConfigError(f"entry {entry!r}: module {MODULES[entry]} registers no recipe loader") from None
-    return load
+
+
+def loader_of(entry: str) -> RecipeLoader | None:
+    """The recipe loader ``entry`` registered, or None when it registers none."""
+    found = _registered(entry)
+    return found[1] if found else None
 
 
 def schema_of(entry: str) -> type | None:
     """The recipe schema ``entry`` registered, or None when it registers none."""
-    if entry not in MODULES:
-        return None
-    try:
-        schema, _ = _RECIPES.get(entry)
-    except KeyError:
-        raise ConfigError(f"entry {entry!r}: module {MODULES[entry]} registers no recipe loader") from None
-    return schema
+    found = _registered(entry)
+    return found[0] if found else None

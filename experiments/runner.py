@@ -30,9 +30,10 @@ from pathlib import Path
 from typing import Any
 
 from experiments.spec import Arm, EvalSpec, ExperimentSpec, arms, metric_operands
-from launch.config import ConfigError
+from launch.config import ConfigError, load_config
 from launch.files import atomic_write_json
 from launch.local import Entry, torchrun_command
+from launch.recipes import schema_of
 
 STAGE_RECORD = "stage.json"
 METRICS_NAME = "metrics.json"
@@ -175,14 +176,11 @@ def _header(path: Path) -> dict[str, str]:
 def check_stages(spec: ExperimentSpec) -> None:
     """Refuse, before any work, a recipe whose stages would fail to start: every pretraining and evaluation recipe
     of every arm is validated with its overrides (keys and values; files made by earlier stages need not exist)."""
-    from launch.config import load_config
-    from launch.recipes import schema_of
-
     problems = []
     for arm in arms(spec):
         for stage in stages(spec, arm, spec.seeds[0]):
-            schema = schema_of(stage.entry.name)
-            if stage.kind == "data" or schema is None:
+            schema = None if stage.kind == "data" else schema_of(stage.entry.name)
+            if schema is None:
                 continue
             # the shards exist only once the data stage has built them; any brace pattern validates the same way
             over = [o.replace("{train_shards}", "train/{00000..00001}.tar") for o in stage.overrides]

@@ -11,6 +11,7 @@ import argparse
 import sys
 
 from launch.config import exits_on_config_error
+from launch.dist import exit_entry
 from launch.logging import announce_run_folder, quiet_libraries, report_config_error, setup_logging
 
 
@@ -57,4 +58,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_entry(main)

@@ -228,7 +228,7 @@ class EntryTask:
             sys.argv = [self.entry.module, *argv]
             try:
                 runpy.run_module(self.entry.module, run_name="__main__", alter_sys=True)
-            except SystemExit as exc:  # the entry's own sys.exit(main())
+            except SystemExit as exc:  # the entry exits through launch.dist.exit_entry
                 code = exc.code
         finally:
             preempt.set_after_checkpoint_hook(None)

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 from launch.config import ConfigError, exits_on_config_error
+from launch.dist import exit_entry
 from launch.logging import announce_run_folder, quiet_libraries, setup_logging
 
 
@@ -65,4 +65,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_entry(main)

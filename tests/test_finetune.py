@@ -124,6 +124,50 @@ def test_pretrain_finetune_and_eval_only_all_models(data, tmp_path):
         assert zs["splits"]["test"] == ft["splits"]["test"]  # same weights, same numbers: deterministic eval
 
 
+EXIT_DRIVER = textwrap.dedent(
+    """
+    import os, runpy, sys
+    import torch.distributed as dist
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[3])
+    data, out = sys.argv[1], sys.argv[2]
+    tiny = ["data.image_size=32", "model.image_size=32", "data.batch_size=8", "data.num_workers=0",
+            "model.vision.kwargs.channels=[8,16,32,64]", "model.text.config.num_hidden_layers=1", "model.embed_dim=32"]
+
+    def run_as_program(module, argv):
+        sys.argv = [module, *argv]
+        try:
+            runpy.run_module(module, run_name="__main__", alter_sys=True)
+        except SystemExit as exc:
+            assert exc.code == 0, (module, exc.code)
+        else:
+            raise AssertionError(f"python -m {module} returned without exiting")
+        assert not dist.is_initialized(), f"python -m {module} exited with its process group still open"
+
+    run_as_program("pretrain", ["--config", "configs/pretrain/clip_tiny.yaml", f"run.dir={out}/pt",
+                                f"data.shards={data}/train/00000.tar", "train.max_steps=1", "train.checkpoint_every=0",
+                                "mixgen.image_log_every=0", *tiny])
+    run_as_program("finetune", ["--config", "configs/finetune/retrieval_synthetic.yaml", "--eval-only",
+                                f"run.dir={out}/zs", f"model.init={out}/pt", f"task.image_root={data}",
+                                *[f"task.{s}_json={data}/{s}_retrieval.json" for s in ("train", "val", "test")],
+                                "eval.splits=[test]", "eval.qualitative=0", *tiny])
+    print("closed")
+    """
+)
+
+
+def test_entry_points_close_their_process_group_when_they_exit(data, tmp_path):
+    """``python -m pretrain`` / ``python -m finetune`` tear the process group down on a clean exit: left to
+    interpreter shutdown, gloo can abort a finished rank (SIGABRT) and torchrun then reports the run as failed."""
+    driver = tmp_path / "driver.py"
+    driver.write_text(EXIT_DRIVER)
+    proc = subprocess.run(
+        [sys.executable, str(driver), str(data), str(tmp_path), str(free_port())],
+        cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0 and proc.stdout.rstrip().endswith("closed"), proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert json.loads((tmp_path / "zs" / "results.json").read_text())["mode"] == "eval-only"
+
+
 def test_normalization_left_out_is_inherited_from_the_pretrain_run(tmp_path):
     """An ImageNet-normalized pretraining evaluated by a recipe without data.mean/std keeps ImageNet statistics;
     a recipe or override that sets them wins; another model's run lends nothing."""

@@ -40,6 +40,7 @@ PROBE = textwrap.dedent(
     import argparse, json, os, sys, time
     import torch, torch.distributed as dist
     from launch import preempt
+    from launch.dist import close_distributed
     from launch.local import stage_tree
 
     parser = argparse.ArgumentParser()
@@ -76,9 +77,11 @@ PROBE = textwrap.dedent(
             if dist.is_initialized():
                 dist.barrier()
             preempt.after_checkpoint()
+            close_distributed()
             sys.exit(0)
     json.dump({"step": step, "total": total, "rank": rank, "world": world,
                "port": os.environ.get("MASTER_PORT")}, open(os.path.join(out, f"result{rank}.json"), "w"))
+    close_distributed()  # as every entry point does: without it gloo can abort the process at exit (SIGABRT)
     """
 )
 

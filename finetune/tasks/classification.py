@@ -53,6 +53,7 @@ from finetune.metrics import accuracy
 from finetune.report import markdown_table, text_table
 from finetune.tasks import TaskOptions, register
 from launch.config import ConfigError, exists_field, exits_on_config_error
+from launch.dist import exit_entry
 from pretrain.models.encoders import vision_width
 
 log = logging.getLogger("vlp.finetune.classification")
@@ -516,4 +517,4 @@ def sweep(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(sweep())
+    exit_entry(sweep)

@@ -114,6 +114,11 @@ def generate(recipes: list[Path], results_root: Path) -> str:
         counted = data and any(e["n"] for m in data["metrics"].values() for e in m.values())
         if counted:
             measured += section(spec, data)
+            if data.get("missing"):  # its verdicts rest on fewer seeds than planned: say so where the gaps are listed
+                planned = len(data["arms"]) * len(data["seeds"])
+                unknown.append(f"- `{recipe}`: partly measured; {len(data['missing'])} of {planned} planned runs did "
+                               f"not finish and are not counted above (`python -m experiments run {recipe}` runs "
+                               "them; finished runs in its run folders are skipped).")
         else:
             lacking = [r.what for r in spec.requires if not Path(r.path).exists()]
             why = "requires " + "; ".join(lacking) if lacking else "not run here (CPU time)"
@@ -122,7 +127,7 @@ def generate(recipes: list[Path], results_root: Path) -> str:
     glance = ["## At a glance", "", "The verdicts whose interval excludes zero (every other comparison below: no "
               "evidence either way at this scale):", "", *(decisive or ["- none yet."]), ""]  # fmt: skip
     out = [HEADER, *glance, *measured, "## What remains unknown", ""]
-    out += unknown or ["- nothing: every recipe has measured results."]
+    out += unknown or ["- nothing: every planned run of every recipe has finished."]
     return "\n".join(out) + "\n"
 
 

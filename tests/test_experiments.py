@@ -281,6 +281,13 @@ def test_practice_guide_states_verdicts_from_intervals(tmp_path):
     spec.seeds = [0, 1, 2]
     report.write(spec)
     text = practice.generate([REPO / SMOKE, REPO / "experiments/recipes/style_policies_stl10.yaml"], tmp_path / "res")
+    assert "smoke.yaml`: partly measured" not in text  # all 6 planned runs finished
+    spec.seeds = [0, 1, 2, 3]  # a fourth seed planned, not run: counted as missing, named under "unknown"
+    report.write(spec)
+    partial = practice.generate([REPO / SMOKE], tmp_path / "res").split("What remains unknown")[1]
+    assert "smoke.yaml`: partly measured; 2 of 8 planned runs did not finish" in partial
+    spec.seeds = [0, 1, 2]
+    report.write(spec)
     assert "mixgen=on vs mixgen=off, zeroshot.rsum: **use**; paired difference +10.00" in text
     assert "zeroshot.txt_r1: **no evidence either way**" in text
     assert "style_policies_stl10.yaml" in text.split("What remains unknown")[1]

@@ -104,7 +104,7 @@ def exit_entry(main: Callable[[], int]) -> NoReturn:
 
     Left to interpreter shutdown, gloo's threads can outlive the objects they use: the C++ runtime then aborts a rank
     ("terminate called without an active exception", SIGABRT) after its work is done, and torchrun reports a
-    finished run as failed (seen in ~1 of 12 two-rank runs on a loaded host). Only here, at the process's end:
+    finished run as failed (2 of 50 two-rank runs on a loaded 2-core host). Only here, at the process's end:
     DeepSpeed caches the world group, so a process that calls ``main`` again (tests, sweeps) must keep it. Not on the
     error path: an NCCL teardown can wait on a peer that is already gone, and the exception is what matters then.
     """

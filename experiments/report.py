@@ -4,6 +4,11 @@ Written to ``<results>/<name>/``: ``README.md`` (per metric: mean ± 95 % t-inte
 per-seed values, then the paired differences against the control arm, seed by seed), ``<metric>.png`` (metric vs
 the x factor or vs arm, error bars), ``<metric>_diff.png`` (the paired differences, with the zero line) and
 ``results.json``. Only finished runs count; n says how many there were, and missing runs are listed.
+
+Run folders are bulky and get deleted (a scratch purge, a fresh machine); ``--carry <an earlier results.json>``
+keeps the numbers of runs whose folders are gone, when the earlier report holds them for the same arm, and lists
+each carried run with where it came from. An arm whose recipe changed since (its fingerprint differs) is not
+carried; a report written before fingerprints were kept is carried with that said beside it.
 """
 
 from __future__ import annotations
@@ -12,30 +17,82 @@ import itertools
 import json
 import math
 import re
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
 from experiments.plot import Point, errorbar_plot
-from experiments.runner import read_metrics, run_dir
+from experiments.runner import arm_fingerprint, read_metrics, run_dir
 from experiments.spec import ExperimentSpec, Factor, arms, control_factor, control_of
 from experiments.stats import Summary, paired, slope, summarize, welch
+from launch.config import ConfigError
 
 
-def collect(spec: ExperimentSpec) -> tuple[dict[str, dict[str, dict[int, float]]], list[str]]:
-    """``values[metric][arm name][seed]`` of every finished run, and a line per missing run."""
+def collect(
+    spec: ExperimentSpec, carry: Path | None = None
+) -> tuple[dict[str, dict[str, dict[int, float]]], list[str], list[str]]:
+    """``values[metric][arm name][seed]`` of every finished run (or carried from ``carry``), a line per missing
+    run and a line per carried one."""
     values: dict[str, dict[str, dict[int, float]]] = {m: {} for m in spec.metrics}
-    missing = []
+    earlier = _earlier_report(spec, carry) if carry is not None else None
+    missing, carried = [], []
     for arm in arms(spec):
         for seed in spec.seeds:
             try:
                 got = read_metrics(spec, arm, seed)
             except (OSError, KeyError, ValueError) as exc:
-                missing.append(f"{arm.label}, seed {seed}: {exc}")
-                continue
+                found, why = _carried(spec, earlier, arm, seed) if earlier is not None else (None, "")
+                if found is None:
+                    missing.append(f"{arm.label}, seed {seed}: {exc}{why}")
+                    continue
+                got = found
+                carried.append(f"{arm.label}, seed {seed}: {why}")
             for m, v in got.items():
                 values[m].setdefault(arm.name, {})[seed] = v
-    return values, missing
+    return values, missing, carried
+
+
+def _earlier_report(spec: ExperimentSpec, path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"--carry {path}: cannot read it as a report's results.json ({exc})") from exc
+    if not isinstance(data, dict) or data.get("name") != spec.name:
+        got = data.get("name") if isinstance(data, dict) else None
+        raise ConfigError(f"--carry {path}: a report of experiment {got!r}, not {spec.name!r}")
+    data["_path"] = str(path)
+    return data
+
+
+def _carried(spec: ExperimentSpec, earlier: dict[str, Any], arm: Any, seed: int) -> tuple[dict | None, str]:
+    """One run's metrics from an earlier report, and where they came from; (None, why not) when it cannot be."""
+    src = earlier["_path"]
+    levels = {a.get("name"): a.get("levels") for a in earlier.get("arms", [])}
+    if levels.get(arm.name) != {f: lv.name for f, lv in arm.levels}:
+        return None, ""
+    was = earlier.get("fingerprints", {}).get(arm.name)
+    if was is not None and was != arm_fingerprint(spec, arm):
+        return None, f" (not carried from {src}: this arm's recipe changed since, fingerprint {was})"
+    got = {}
+    for metric in spec.metrics:
+        value = earlier.get("metrics", {}).get(metric, {}).get(arm.name, {}).get("values", {}).get(str(seed))
+        if value is None:
+            return None, ""
+        got[metric] = float(value)
+    note = "" if was is not None else "; that report kept no recipe fingerprint, so the recipe is not checked"
+    return got, f"from {src} (generated {earlier.get('generated', '?')}, commit {earlier.get('commit', '?')}){note}"
+
+
+def _commit() -> str | None:
+    """The project's commit, for a report's provenance (None outside a git checkout)."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                             timeout=10)  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else None
 
 
 def _pm(s: Summary, digits: int = 2) -> str:
@@ -55,12 +112,14 @@ def _seeds(values: dict[int, float], signed: bool = False) -> str:
     return ", ".join(fmt.format(values[s]) for s in sorted(values)) or "—"
 
 
-def build(spec: ExperimentSpec) -> dict[str, Any]:
+def build(spec: ExperimentSpec, carry: Path | None = None) -> dict[str, Any]:
     """Every number of the report: per metric and arm the values by seed and their summary, and the paired
-    differences against the control arm."""
-    values, missing = collect(spec)
-    out: dict[str, Any] = {"name": spec.name, "claim": spec.claim, "seeds": spec.seeds, "missing": missing}
+    differences against the control arm; runs whose folders are gone come from ``carry`` where it has them."""
+    values, missing, carried = collect(spec, carry)
+    out: dict[str, Any] = {"name": spec.name, "claim": spec.claim, "seeds": spec.seeds, "missing": missing,
+                           "carried": carried}  # fmt: skip
     out["arms"] = [{"name": a.name, "label": a.label, "levels": {f: lv.name for f, lv in a.levels}} for a in arms(spec)]
+    out["fingerprints"] = {a.name: arm_fingerprint(spec, a) for a in arms(spec)}
     out["metrics"] = {}
     for metric in spec.metrics:
         per_arm = {}
@@ -239,6 +298,9 @@ def markdown(spec: ExperimentSpec, data: dict[str, Any], command: str = "") -> s
     if data.get("curves"):
         lines += ["Training curves (mean over the seeds, bars: 95 % interval):", ""]
         lines += [" ".join(f"![{name}](curve_{_png(name)})" for name in data["curves"]), ""]
+    if data.get("carried"):
+        lines += ["Runs carried from an earlier report (their run folders are not here):", ""]
+        lines += [f"- {m}" for m in data["carried"]] + [""]
     if data["missing"]:
         lines += ["Runs not finished (left out of n):", ""] + [f"- {m}" for m in data["missing"]] + [""]
     if spec.gpu_recipe:
@@ -370,9 +432,9 @@ def _png(metric: str, diff: bool = False) -> str:
     return re.sub(r"[^A-Za-z0-9_.+-]+", "_", metric) + ("_diff" if diff else "") + ".png"
 
 
-def write(spec: ExperimentSpec, command: str = "") -> Path:
+def write(spec: ExperimentSpec, command: str = "", carry: Path | None = None) -> Path:
     """Write the report folder ``<results>/<name>/``; returns it."""
-    data = build(spec)
+    data = build(spec, carry)
     out = Path(spec.results) / spec.name
     out.mkdir(parents=True, exist_ok=True)
     factor = _x_factor(spec)
@@ -396,6 +458,7 @@ def write(spec: ExperimentSpec, command: str = "") -> Path:
             errorbar_plot(series, out / ("curve_" + _png(name)), f"{spec.name}: {name} (mean over seeds)", name,
                           "step")  # fmt: skip
     data["generated"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    data["commit"] = _commit()
     data["runs"] = {a.name: {str(s): str(run_dir(spec, a, s)) for s in spec.seeds} for a in arms(spec)}
     (out / "results.json").write_text(json.dumps(data, indent=1, allow_nan=True) + "\n")
     (out / "README.md").write_text(markdown(spec, data, command))

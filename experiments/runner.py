@@ -154,6 +154,17 @@ def eval_stage(spec: ExperimentSpec, ev: EvalSpec, arm: Arm, root: Path, pre: Pa
     return Stage(ev.name, root / ev.name, entry, ev.config, over, ev.nproc)
 
 
+def arm_fingerprint(spec: ExperimentSpec, arm: Arm) -> str:
+    """A hash of what defines ``arm``'s runs: each stage's entry, flags, overrides and recipe content, with the
+    run folders and the seed normalized. A report stores it, so a later report can tell whether a number it
+    carries from there still belongs to this recipe. Code changes are not covered: reports record the commit."""
+    from launch.config import read_yaml
+
+    plain = dataclasses.replace(spec, out="<out>")
+    items = [{**st.identity(), "content": read_yaml(st.config)} for st in stages(plain, arm, 0)]
+    return hashlib.sha256(json.dumps(items, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def _pretrain_model_name(spec: ExperimentSpec, arm: Arm) -> str | None:
     """The pretrained model's name (recipe + overrides), so evaluation builds the same model family."""
     from launch.local import stage_tree

@@ -169,6 +169,72 @@ def test_report_lists_missing_runs(tmp_path):
     assert len(data["missing"]) == 3 and "(n=1, no interval)" in (out / "README.md").read_text()
 
 
+def _earlier(spec, values: dict, fingerprints: dict) -> dict:
+    """A results.json as an earlier report wrote it: values[(arm, seed)] = (rsum, txt_r1)."""
+    metrics: dict = {"zeroshot.rsum": {}, "zeroshot.txt_r1": {}}
+    for (arm, seed), (rsum, r1) in values.items():
+        for m, v in (("zeroshot.rsum", rsum), ("zeroshot.txt_r1", r1)):
+            metrics[m].setdefault(arm, {"values": {}})["values"][str(seed)] = v
+    return {"name": "smoke", "seeds": [0, 1], "generated": "2026-12-01T10:00:00Z", "commit": "abc1234",
+            "arms": [{"name": a.name, "levels": {f: lv.name for f, lv in a.levels}} for a in arms(spec)],
+            "metrics": metrics, "fingerprints": fingerprints}  # fmt: skip
+
+
+def test_report_carries_runs_whose_folders_are_gone(tmp_path):
+    from experiments import report
+    from experiments.__main__ import main
+    from experiments.runner import arm_fingerprint
+
+    common = [f"out={tmp_path / 'runs'}", f"results={tmp_path / 'res'}"]
+    spec = load_spec(REPO / SMOKE, common)
+    off, on = arms(spec)
+    # one run is still on disk; the earlier report has it too, with another value: the folder wins
+    root = Path(spec.out) / "smoke" / "mixgen-off" / "seed0" / "zeroshot"
+    root.mkdir(parents=True)
+    (root / "results.json").write_text(json.dumps({"splits": {"test": {"rsum": 100.0, "txt_r1": 5.0}}}))
+    old = {("mixgen-off", 0): (1.0, 1.0), ("mixgen-off", 1): (90.0, 4.0),
+           ("mixgen-on", 0): (120.0, 6.0), ("mixgen-on", 1): (80.0, 3.0)}  # fmt: skip
+    earlier = tmp_path / "earlier.json"
+    # mixgen-on's fingerprint recorded and current; mixgen-off's report predates fingerprints
+    earlier.write_text(json.dumps(_earlier(spec, old, {"mixgen-on": arm_fingerprint(spec, on)})))
+    data = report.build(spec, earlier)
+    rsum = data["metrics"]["zeroshot.rsum"]
+    assert rsum["mixgen-off"]["values"] == {"0": 100.0, "1": 90.0}
+    assert rsum["mixgen-on"]["vs_control"]["diffs"] == {"0": 20.0, "1": -10.0}  # 120-100, 80-90
+    assert data["missing"] == [] and len(data["carried"]) == 3
+    legacy = [c for c in data["carried"] if "no recipe fingerprint" in c]
+    assert len(legacy) == 1 and legacy[0].startswith("mixgen=off, seed 1: from ") and "commit abc1234" in legacy[0]
+    assert data["fingerprints"] == {"mixgen-off": arm_fingerprint(spec, off), "mixgen-on": arm_fingerprint(spec, on)}
+
+    # an arm whose recipe changed since that report is not carried, and the report says why
+    earlier.write_text(json.dumps(_earlier(spec, old, {"mixgen-on": "0123456789abcdef"})))
+    data = report.build(spec, earlier)
+    assert data["metrics"]["zeroshot.rsum"]["mixgen-on"]["n"] == 0
+    assert sum("recipe changed since" in m for m in data["missing"]) == 2 and len(data["carried"]) == 1
+    # the fingerprint follows the recipe (its overrides, the level's), not where the runs are kept
+    moved = load_spec(REPO / SMOKE, [f"out={tmp_path / 'elsewhere'}", f"results={tmp_path / 'res'}"])
+    assert arm_fingerprint(moved, arms(moved)[1]) == arm_fingerprint(spec, on)
+    longer = load_spec(REPO / SMOKE, [*common, "pretrain.overrides=[train.max_steps=5]"])
+    assert arm_fingerprint(longer, arms(longer)[1]) != arm_fingerprint(spec, on)
+    recipe = tmp_path / "clip_tiny.yaml"  # the same recipe file, then one value in it changed
+    recipe.write_text((REPO / spec.pretrain.config).read_text())
+    copy = load_spec(REPO / SMOKE, [*common, f"pretrain.config={recipe}"])
+    before = arm_fingerprint(copy, arms(copy)[1])
+    recipe.write_text(recipe.read_text().replace("lr: ", "lr: 0.5 #", 1))
+    assert arm_fingerprint(copy, arms(copy)[1]) != before
+    assert arm_fingerprint(spec, off) != arm_fingerprint(spec, on)
+
+    # another experiment's report is refused by name; from the command line the report lists what it carried
+    earlier.write_text(json.dumps({**_earlier(spec, old, {}), "name": "mixgen_models"}))
+    with pytest.raises(ConfigError, match="a report of experiment 'mixgen_models', not 'smoke'"):
+        report.build(spec, earlier)
+    earlier.write_text(json.dumps(_earlier(spec, old, {})))
+    assert main(["report", SMOKE, *common, "--carry", str(earlier)]) == 0
+    md = (tmp_path / "res" / "smoke" / "README.md").read_text()
+    assert "Runs carried from an earlier report" in md and md.count(f"from {earlier}") == 3
+    assert json.loads((tmp_path / "res" / "smoke" / "results.json").read_text())["commit"]
+
+
 def test_a_difference_metric_is_paired_per_run(tmp_path):
     """A generalisation gap "train - test" is taken within each run, then summarised and paired like any metric."""
     gap = "zeroshot.rsum - zeroshot.txt_r1"

@@ -24,7 +24,7 @@ from typing import Any
 
 from experiments.plot import Point, errorbar_plot
 from experiments.runner import arm_fingerprint, read_metrics, run_dir
-from experiments.spec import ExperimentSpec, Factor, arms, control_factor, control_of
+from experiments.spec import Arm, ExperimentSpec, Factor, arms, control_factor, control_of
 from experiments.stats import Summary, paired, slope, summarize, welch
 from launch.config import ConfigError
 
@@ -65,7 +65,7 @@ def _earlier_report(spec: ExperimentSpec, path: Path) -> dict[str, Any]:
     return data
 
 
-def _carried(spec: ExperimentSpec, earlier: dict[str, Any], arm: Any, seed: int) -> tuple[dict | None, str]:
+def _carried(spec: ExperimentSpec, earlier: dict[str, Any], arm: Arm, seed: int) -> tuple[dict | None, str]:
     """One run's metrics from an earlier report, and where they came from; (None, why not) when it cannot be."""
     src = earlier["_path"]
     levels = {a.get("name"): a.get("levels") for a in earlier.get("arms", [])}

@@ -30,19 +30,24 @@ from launch.config import ConfigError
 
 
 def collect(
-    spec: ExperimentSpec, carry: Path | None = None
+    spec: ExperimentSpec, carry: Path | None = None, fingerprints: dict[str, str] | None = None
 ) -> tuple[dict[str, dict[str, dict[int, float]]], list[str], list[str]]:
     """``values[metric][arm name][seed]`` of every finished run (or carried from ``carry``), a line per missing
-    run and a line per carried one."""
+    run and a line per carried one. ``fingerprints``: each arm's :func:`arm_fingerprint`, if already known."""
     values: dict[str, dict[str, dict[int, float]]] = {m: {} for m in spec.metrics}
     earlier = _earlier_report(spec, carry) if carry is not None else None
+    if earlier is not None and fingerprints is None:
+        fingerprints = {a.name: arm_fingerprint(spec, a) for a in arms(spec)}
+    fingerprints = fingerprints or {}
     missing, carried = [], []
     for arm in arms(spec):
         for seed in spec.seeds:
             try:
                 got = read_metrics(spec, arm, seed)
             except (OSError, KeyError, ValueError) as exc:
-                found, why = _carried(spec, earlier, arm, seed) if earlier is not None else (None, "")
+                found, why = (None, "")
+                if earlier is not None:
+                    found, why = _carried(spec, earlier, carry, fingerprints[arm.name], arm, seed)
                 if found is None:
                     missing.append(f"{arm.label}, seed {seed}: {exc}{why}")
                     continue
@@ -61,18 +66,19 @@ def _earlier_report(spec: ExperimentSpec, path: Path) -> dict[str, Any]:
     if not isinstance(data, dict) or data.get("name") != spec.name:
         got = data.get("name") if isinstance(data, dict) else None
         raise ConfigError(f"--carry {path}: a report of experiment {got!r}, not {spec.name!r}")
-    data["_path"] = str(path)
     return data
 
 
-def _carried(spec: ExperimentSpec, earlier: dict[str, Any], arm: Arm, seed: int) -> tuple[dict | None, str]:
-    """One run's metrics from an earlier report, and where they came from; (None, why not) when it cannot be."""
-    src = earlier["_path"]
+def _carried(
+    spec: ExperimentSpec, earlier: dict[str, Any], src: Path, fingerprint: str, arm: Arm, seed: int
+) -> tuple[dict | None, str]:
+    """One run's metrics from the earlier report ``src``, and where they came from; (None, why not) when it
+    cannot be (``fingerprint``: the arm's now)."""
     levels = {a.get("name"): a.get("levels") for a in earlier.get("arms", [])}
     if levels.get(arm.name) != {f: lv.name for f, lv in arm.levels}:
         return None, ""
     was = earlier.get("fingerprints", {}).get(arm.name)
-    if was is not None and was != arm_fingerprint(spec, arm):
+    if was is not None and was != fingerprint:
         return None, f" (not carried from {src}: this arm's recipe changed since, fingerprint {was})"
     got = {}
     for metric in spec.metrics:
@@ -115,11 +121,12 @@ def _seeds(values: dict[int, float], signed: bool = False) -> str:
 def build(spec: ExperimentSpec, carry: Path | None = None) -> dict[str, Any]:
     """Every number of the report: per metric and arm the values by seed and their summary, and the paired
     differences against the control arm; runs whose folders are gone come from ``carry`` where it has them."""
-    values, missing, carried = collect(spec, carry)
+    fingerprints = {a.name: arm_fingerprint(spec, a) for a in arms(spec)}
+    values, missing, carried = collect(spec, carry, fingerprints)
     out: dict[str, Any] = {"name": spec.name, "claim": spec.claim, "seeds": spec.seeds, "missing": missing,
                            "carried": carried}  # fmt: skip
     out["arms"] = [{"name": a.name, "label": a.label, "levels": {f: lv.name for f, lv in a.levels}} for a in arms(spec)]
-    out["fingerprints"] = {a.name: arm_fingerprint(spec, a) for a in arms(spec)}
+    out["fingerprints"] = fingerprints
     out["metrics"] = {}
     for metric in spec.metrics:
         per_arm = {}

@@ -33,7 +33,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.add_argument("spec", help="experiment YAML, e.g. experiments/mixgen_web_clip.yaml")
         p.add_argument("overrides", nargs="*", help="key=value overrides of the experiment, e.g. seeds=[0,1]")
         p.add_argument("--carry", type=Path, default=None, metavar="RESULTS_JSON",
-                       help="take runs whose folders are gone from this earlier report (same arm and recipe)")
+                       help="take runs whose folders are gone from this earlier report (same arm and recipe); "
+                            "run does not run them again")  # fmt: skip
     args = parser.parse_args(argv)
     from experiments import practice, report, runner
     from experiments.spec import load_spec
@@ -50,7 +51,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         spec = load_spec(args.spec, args.overrides)
         if args.command == "run":
-            runner.run(spec, args.arm, dry_run=args.dry_run)
+            carried = report.carried_runs(spec, args.carry) if args.carry is not None else None
+            runner.run(spec, args.arm, dry_run=args.dry_run, carried=carried)
             if args.dry_run or args.no_report:
                 return 0
         out = report.write(spec, command, args.carry)

@@ -42,20 +42,42 @@ def collect(
     missing, carried = [], []
     for arm in arms(spec):
         for seed in spec.seeds:
-            try:
-                got = read_metrics(spec, arm, seed)
-            except (OSError, KeyError, ValueError) as exc:
-                found, why = (None, "")
-                if earlier is not None:
-                    found, why = _carried(spec, earlier, carry, fingerprints[arm.name], arm, seed)
-                if found is None:
-                    missing.append(f"{arm.label}, seed {seed}: {exc}{why}")
-                    continue
-                got = found
+            got, gone, why = _one_run(spec, arm, seed, earlier, carry, fingerprints.get(arm.name, ""))
+            if got is None:
+                missing.append(f"{arm.label}, seed {seed}: {gone}{why}")
+                continue
+            if gone:
                 carried.append(f"{arm.label}, seed {seed}: {why}")
             for m, v in got.items():
                 values[m].setdefault(arm.name, {})[seed] = v
     return values, missing, carried
+
+
+def carried_runs(spec: ExperimentSpec, carry: Path) -> dict[tuple[str, int], str]:
+    """``(arm name, seed)`` of each run whose folder is gone and whose numbers ``carry`` holds for the current
+    recipe, with where they come from: ``run --carry`` does not run these again."""
+    earlier = _earlier_report(spec, carry)
+    out = {}
+    for arm in arms(spec):
+        fingerprint = arm_fingerprint(spec, arm)
+        for seed in spec.seeds:
+            got, gone, why = _one_run(spec, arm, seed, earlier, carry, fingerprint)
+            if got is not None and gone:
+                out[(arm.name, seed)] = why
+    return out
+
+
+def _one_run(
+    spec: ExperimentSpec, arm: Arm, seed: int, earlier: dict[str, Any] | None, carry: Path | None, fingerprint: str
+) -> tuple[dict[str, float] | None, str, str]:
+    """(metrics or None, why the folder could not be read or "", where carried metrics came from or why not)."""
+    try:
+        return read_metrics(spec, arm, seed), "", ""
+    except (OSError, KeyError, ValueError) as exc:
+        if earlier is None or carry is None:
+            return None, str(exc), ""
+        found, why = _carried(spec, earlier, carry, fingerprint, arm, seed)
+        return found, str(exc), why
 
 
 def _earlier_report(spec: ExperimentSpec, path: Path) -> dict[str, Any]:

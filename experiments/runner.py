@@ -25,7 +25,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -314,8 +314,14 @@ def _pending(spec: ExperimentSpec, arm: Arm, seed: int, index: int, built: set[P
     return stage
 
 
-def run(spec: ExperimentSpec, only_arms: Sequence[str] = (), dry_run: bool = False) -> list[dict[str, Any]]:
+def run(
+    spec: ExperimentSpec,
+    only_arms: Sequence[str] = (),
+    dry_run: bool = False,
+    carried: Mapping[tuple[str, int], str] | None = None,
+) -> list[dict[str, Any]]:
     """Run every (arm, seed) not yet finished; returns one row per run (arm, seed, metrics, seconds).
+    ``carried``: ``(arm name, seed)`` whose numbers an earlier report holds (:func:`report.carried_runs`), not run.
 
     Locally, one run after the other (seed-major, so a stopped experiment has every arm of its first seeds);
     on slurm, stage kind by stage kind: every pending pretraining job at once, then every evaluation.
@@ -326,7 +332,12 @@ def run(spec: ExperimentSpec, only_arms: Sequence[str] = (), dry_run: bool = Fal
     if only_arms and len(selected) != len(set(only_arms)):
         known = [a.name for a in arms(spec)]
         raise ConfigError(f"--arm: {sorted(set(only_arms) - {a.name for a in selected})} not among {known}")
-    plan = [(arm, seed) for seed in spec.seeds for arm in selected]
+    carried = carried or {}
+    for arm, seed in [(a, s) for s in spec.seeds for a in selected if (a.name, s) in carried]:
+        print(f"not run, carried: {arm.label}, seed {seed}: {carried[(arm.name, seed)]}", flush=True)
+    plan = [(arm, seed) for seed in spec.seeds for arm in selected if (arm.name, seed) not in carried]
+    if not plan:
+        return []
     n_stages = len(stages(spec, plan[0][0], plan[0][1]))
     built: set[Path] = set()
     seconds: dict[tuple[str, int], float] = {}

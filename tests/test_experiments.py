@@ -235,6 +235,30 @@ def test_report_carries_runs_whose_folders_are_gone(tmp_path):
     assert json.loads((tmp_path / "res" / "smoke" / "results.json").read_text())["commit"]
 
 
+def test_run_with_carry_does_not_rerun_carried_runs(tmp_path, capsys):
+    from experiments.__main__ import main
+
+    common = [f"out={tmp_path / 'runs'}", f"results={tmp_path / 'res'}"]
+    spec = load_spec(REPO / SMOKE, common)
+    old = {("mixgen-off", 0): (1.0, 1.0), ("mixgen-off", 1): (90.0, 4.0),
+           ("mixgen-on", 0): (120.0, 6.0), ("mixgen-on", 1): (80.0, 3.0)}  # fmt: skip
+    earlier = tmp_path / "earlier.json"
+    from experiments.runner import arm_fingerprint
+
+    # mixgen-off's recipe changed since (another fingerprint): its runs are not carried, so they run again
+    fps = {"mixgen-off": "0123456789abcdef", "mixgen-on": arm_fingerprint(spec, arms(spec)[1])}
+    earlier.write_text(json.dumps(_earlier(spec, old, fps)))
+    assert main(["run", SMOKE, *common, "--carry", str(earlier), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("not run, carried: mixgen=on, seed") == 2 and "carried: mixgen=off" not in out
+    would = [line for line in out.splitlines() if line.startswith("would run") and "run.dir=" in line]
+    assert would and all("/mixgen-off/seed" in line for line in would)
+    assert {s for s in (0, 1) if any(f"/mixgen-off/seed{s}/" in line for line in would)} == {0, 1}
+    # without --carry every run is planned
+    assert main(["run", SMOKE, *common, "--dry-run"]) == 0
+    assert any("/mixgen-on/seed1/" in line for line in capsys.readouterr().out.splitlines())
+
+
 def test_a_difference_metric_is_paired_per_run(tmp_path):
     """A generalisation gap "train - test" is taken within each run, then summarised and paired like any metric."""
     gap = "zeroshot.rsum - zeroshot.txt_r1"

@@ -166,6 +166,34 @@ def test_missing_style_dir_is_a_config_error(tmp_path):
         StyleImages(str(empty), size=48)
 
 
+def test_init_checkpoint_starts_from_a_saved_network(tiny_model, tmp_path):
+    from data_prep.style.network import save_style_checkpoint
+    from pretrain.config import resolve_model_options
+    from pretrain.models import get
+
+    torch.manual_seed(1)
+    donor = get("style_transfer")[1](tiny_model.opts)  # other random weights than tiny_model's
+    path = tmp_path / "start.safetensors"
+    save_style_checkpoint(path, donor.transformer, donor.predictor, torch.zeros(100), torch.eye(100),
+                          meta={"predictor": tiny_model.opts.predictor})  # fmt: skip
+    spec = {"name": "style_transfer", "style_dir": tiny_model.opts.style_dir, "vgg_weights": "random",
+            "style_size": 48, "init_checkpoint": str(path)}  # fmt: skip
+    torch.manual_seed(0)  # the same seed as tiny_model: without the start file its weights would be tiny_model's
+    started = get("style_transfer")[1](resolve_model_options(spec))
+    for name, mine in started.transformer.state_dict().items():
+        assert torch.equal(mine, donor.transformer.state_dict()[name]), name
+    for name, mine in started.predictor.state_dict().items():
+        assert torch.equal(mine, donor.predictor.state_dict()[name]), name
+    assert not torch.equal(started.predictor.fc.weight, tiny_model.predictor.fc.weight)
+
+    with pytest.raises(ConfigError, match="model.init_checkpoint: style checkpoint not found"):
+        resolve_model_options({**spec, "init_checkpoint": str(tmp_path / "missing.safetensors")})
+    other = tmp_path / "inception.safetensors"
+    save_style_checkpoint(other, donor.transformer, None, torch.zeros(100), torch.eye(100))  # no field: Inception
+    with pytest.raises(ConfigError, match="holds a inception_v3 predictor"):
+        resolve_model_options({**spec, "init_checkpoint": str(other)})
+
+
 # ------------------------------------------------------------------------------------------- under the engine
 
 

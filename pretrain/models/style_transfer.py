@@ -44,6 +44,7 @@ from data_prep.style.network import (
     STYLE_DIM,
     StylePredictor,
     StyleTransformer,
+    load_style_checkpoint,
     save_style_checkpoint,
 )
 from launch.config import ConfigError
@@ -84,6 +85,10 @@ class StyleTransferOptions(ModelOptions):
     image_log_count: int = 4
     stats_batch: int = 8  # style images per predictor call when computing the embedding statistics
     stats_max_images: int = 0  # 0: every style image
+    # a style checkpoint (the stage's file) to start the transformer and predictor from: fine-tunes an existing
+    # network, e.g. with another content weight; "" trains from scratch. A resumed run ignores it (its own
+    # checkpoint wins)
+    init_checkpoint: str = ""
 
     def validate(self, recipe: Any) -> None:
         if not self.style_dir:
@@ -109,11 +114,25 @@ class StyleTransferOptions(ModelOptions):
             raise ConfigError(f"model.style_size: the {self.predictor} style predictor needs >= {least} px")
         if self.style_scale < 1.0:
             raise ConfigError("model.style_scale: must be >= 1")
+        if self.init_checkpoint:
+            self._check_init_checkpoint()
         mix = getattr(recipe, "mixgen", None)
         if mix is not None and mix.enabled:
             raise ConfigError(
                 "mixgen.enabled: must be false for model style_transfer (MixGen would blend content images and "
                 "rewrite captions the style network never reads); set mixgen.enabled=false"
+            )
+
+    def _check_init_checkpoint(self) -> None:
+        """Refuse, while the config is read, a start file that is missing or of another architecture."""
+        try:
+            meta = load_style_checkpoint(self.init_checkpoint)["meta"]
+        except (FileNotFoundError, ValueError) as exc:
+            raise ConfigError(f"model.init_checkpoint: {exc}") from exc
+        if meta.get("predictor", "inception_v3") != self.predictor:
+            raise ConfigError(
+                f"model.init_checkpoint: {self.init_checkpoint} holds a {meta.get('predictor', 'inception_v3')} "
+                f"predictor, this recipe trains {self.predictor} (model.predictor)"
             )
 
 
@@ -376,6 +395,12 @@ class StyleTransferModel(nn.Module):
         else:
             self.vgg = EfficientNetLoss()
             self.style_layers, self.content_layer = LITE0_STYLE_LAYERS, LITE0_CONTENT_LAYER
+        if opts.init_checkpoint:
+            start = load_style_checkpoint(opts.init_checkpoint)
+            self.transformer.load_state_dict(start["transformer"])
+            if start["predictor"] is not None:
+                self.predictor.load_state_dict(start["predictor"])
+            log.info("transformer and predictor start from %s", opts.init_checkpoint)
         self.styles = StyleImages(opts.style_dir, opts.style_size, opts.style_scale, opts.style_flip)
         self.register_buffer("data_mean", torch.zeros(1, 3, 1, 1), persistent=False)
         self.register_buffer("data_std", torch.ones(1, 3, 1, 1), persistent=False)
@@ -435,7 +460,7 @@ class StyleTransferModel(nn.Module):
                   "style_weights": ",".join(str(w) for w in self.opts.style_weights),
                   "tv_weight": str(self.opts.tv_weight), "style_size": str(self.opts.style_size),
                   "vgg_weights": self.opts.vgg_weights if self.opts.loss_network == "vgg16" else "",
-                  "stats_images": str(count)},
+                  "stats_images": str(count), "init_checkpoint": self.opts.init_checkpoint},
         )  # fmt: skip
         log.info("style checkpoint with embedding statistics over %d style images: %s", count, path)
         return {"style_checkpoint": str(path), "style_stats_images": count}

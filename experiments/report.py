@@ -326,6 +326,9 @@ def markdown(spec: ExperimentSpec, data: dict[str, Any], command: str = "") -> s
             lines += [trend_table(trend, metric), ""]
     if data.get("curves"):
         lines += ["Training curves (mean over the seeds, bars: 95 % interval):", ""]
+        if data.get("curves_carried"):
+            names = ", ".join(a.label for a in arms(spec) if a.name in data["curves_carried"])
+            lines += [f"The curves of {names} are the earlier report's (every run of them carried).", ""]
         lines += [" ".join(f"![{name}](curve_{_png(name)})" for name in data["curves"]), ""]
     if data.get("carried"):
         lines += ["Runs carried from an earlier report (their run folders are not here):", ""]
@@ -457,6 +460,22 @@ def curves(spec: ExperimentSpec) -> dict[str, dict[str, list[dict[str, float]]]]
     return out
 
 
+def _carry_curves(spec: ExperimentSpec, got: dict[str, dict[str, list[dict[str, float]]]], carry: Path) -> list[str]:
+    """Fill in, from the earlier report, the curves of each arm whose every seed is carried (no folder left to
+    read them from); returns those arms' names."""
+    earlier, keys = _earlier_report(spec, carry), carried_runs(spec, carry)
+    filled = []
+    for arm in arms(spec):
+        if not all((arm.name, seed) in keys for seed in spec.seeds):
+            continue
+        for name, per_arm in got.items():
+            old = earlier.get("curves", {}).get(name, {}).get(arm.name)
+            if not per_arm.get(arm.name) and old:
+                per_arm[arm.name] = old
+                filled.append(arm.name)
+    return sorted(set(filled))
+
+
 def _png(metric: str, diff: bool = False) -> str:
     return re.sub(r"[^A-Za-z0-9_.+-]+", "_", metric) + ("_diff" if diff else "") + ".png"
 
@@ -481,6 +500,8 @@ def write(spec: ExperimentSpec, command: str = "", carry: Path | None = None) ->
                           f"{metric} - control", xlabel, ticks, zero_line=True)  # fmt: skip
     if spec.curves:
         data["curves"] = curves(spec)
+        if carry is not None:
+            data["curves_carried"] = _carry_curves(spec, data["curves"], carry)
         labels = {a.name: a.label for a in arms(spec)}
         for name, per_arm in data["curves"].items():
             series = {labels[a]: [(p["step"], p["mean"], p["half"]) for p in pts] for a, pts in per_arm.items()}

@@ -259,6 +259,31 @@ def test_run_with_carry_does_not_rerun_carried_runs(tmp_path, capsys):
     assert any("/mixgen-on/seed1/" in line for line in capsys.readouterr().out.splitlines())
 
 
+def test_report_keeps_the_curves_of_fully_carried_arms(tmp_path):
+    from experiments import report
+
+    curve = "curves=[{stage: zeroshot, key: loss, file: metrics.jsonl}]"
+    spec = load_spec(REPO / SMOKE, [f"out={tmp_path / 'runs'}", f"results={tmp_path / 'res'}", curve])
+    root = Path(spec.out) / "smoke" / "mixgen-off" / "seed0" / "zeroshot"  # one run of mixgen-off on disk
+    root.mkdir(parents=True)
+    (root / "results.json").write_text(json.dumps({"splits": {"test": {"rsum": 100.0, "txt_r1": 5.0}}}))
+    (root / "metrics.jsonl").write_text('{"step": 1, "loss": 3.0}\n{"step": 2, "loss": 2.0}\n')
+    old = {("mixgen-off", 1): (90.0, 4.0), ("mixgen-on", 0): (120.0, 6.0), ("mixgen-on", 1): (80.0, 3.0)}
+    earlier = _earlier(spec, old, {})
+    pts = [{"step": 1, "mean": 9.0, "half": 1.0, "n": 2}]
+    off_pts = [{"step": 1, "mean": 7.0, "half": 0, "n": 2}]
+    earlier["curves"] = {"zeroshot.loss": {"mixgen-on": pts, "mixgen-off": off_pts}}
+    path = tmp_path / "earlier.json"
+    path.write_text(json.dumps(earlier))
+    out = report.write(spec, carry=path)
+    data = json.loads((out / "results.json").read_text())
+    got = data["curves"]["zeroshot.loss"]
+    assert got["mixgen-on"] == pts  # every seed carried: the earlier report's curve
+    assert [p["mean"] for p in got["mixgen-off"]] == [3.0, 2.0]  # a seed on disk: the curve is read from disk
+    assert data["curves_carried"] == ["mixgen-on"]
+    assert "The curves of mixgen=on are the earlier report's" in (out / "README.md").read_text()
+
+
 def test_a_difference_metric_is_paired_per_run(tmp_path):
     """A generalisation gap "train - test" is taken within each run, then summarised and paired like any metric."""
     gap = "zeroshot.rsum - zeroshot.txt_r1"

@@ -225,8 +225,8 @@ def test_shape_fine_tune_keeps_edges_better_than_the_shipped_network(tmp_path, m
     common = [f"data.shards={data}/train/00000.tar", "data.num_workers=0", "out.tensorboard=false", "style.k=1"]
     agreement = {}
     for name in ("style_lite0", "style_lite0_shape"):
-        cfg = load_config(StageConfig, "configs/style/stage.yaml",
-                          [*common, f"out.dir={tmp_path / name}", f"model.checkpoint=assets/{name}.safetensors"])  # fmt: skip
+        over = [*common, f"out.dir={tmp_path / name}", f"model.checkpoint=assets/{name}.safetensors"]
+        cfg = load_config(StageConfig, "configs/style/stage.yaml", over)
         pairs = _stage_pairs(cfg)
         assert len(pairs) == 8
         agreement[name] = float(np.mean([np.corrcoef(_edges(a).ravel(), _edges(b).ravel())[0, 1] for a, b in pairs]))

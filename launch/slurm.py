@@ -129,8 +129,10 @@ def load_launch_config(path: str | os.PathLike | None, overrides: Sequence[str] 
 # ---------------------------------------------------------------------------------------------------------------
 def master_port(job_id: str, restarts: int) -> int:
     """A port every task of the job derives alike; it changes per restart so a requeued run never meets the
-    previous run's sockets (still in TIME_WAIT)."""
-    return 20000 + zlib.crc32(f"{job_id}:{restarts}".encode()) % 40000
+    previous run's sockets (still in TIME_WAIT). It stays below Linux's ephemeral range (32768-60999 by default),
+    where gloo's pair sockets and outgoing connections take ports at random: a derived port in that range was
+    found taken (EADDRINUSE) on a loaded node."""
+    return 20000 + zlib.crc32(f"{job_id}:{restarts}".encode()) % 12768
 
 
 def _job_env() -> Any:

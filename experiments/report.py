@@ -53,13 +53,16 @@ def collect(
     return values, missing, carried
 
 
-def carried_runs(spec: ExperimentSpec, carry: Path) -> dict[tuple[str, int], str]:
+def carried_runs(
+    spec: ExperimentSpec, carry: Path, fingerprints: dict[str, str] | None = None
+) -> dict[tuple[str, int], str]:
     """``(arm name, seed)`` of each run whose folder is gone and whose numbers ``carry`` holds for the current
-    recipe, with where they come from: ``run --carry`` does not run these again."""
+    recipe, with where they come from: ``run --carry`` does not run these again. ``fingerprints``: each arm's
+    :func:`arm_fingerprint`, if already known."""
     earlier = _earlier_report(spec, carry)
     out = {}
     for arm in arms(spec):
-        fingerprint = arm_fingerprint(spec, arm)
+        fingerprint = fingerprints[arm.name] if fingerprints else arm_fingerprint(spec, arm)
         for seed in spec.seeds:
             got, gone, why = _one_run(spec, arm, seed, earlier, carry, fingerprint)
             if got is not None and gone:
@@ -460,10 +463,12 @@ def curves(spec: ExperimentSpec) -> dict[str, dict[str, list[dict[str, float]]]]
     return out
 
 
-def _carry_curves(spec: ExperimentSpec, got: dict[str, dict[str, list[dict[str, float]]]], carry: Path) -> list[str]:
+def _carry_curves(
+    spec: ExperimentSpec, got: dict[str, dict[str, list[dict[str, float]]]], carry: Path, fingerprints: dict[str, str]
+) -> list[str]:
     """Fill in, from the earlier report, the curves of each arm whose every seed is carried (no folder left to
     read them from); returns those arms' names."""
-    earlier, keys = _earlier_report(spec, carry), carried_runs(spec, carry)
+    earlier, keys = _earlier_report(spec, carry), carried_runs(spec, carry, fingerprints)
     filled = []
     for arm in arms(spec):
         if not all((arm.name, seed) in keys for seed in spec.seeds):
@@ -501,7 +506,7 @@ def write(spec: ExperimentSpec, command: str = "", carry: Path | None = None) ->
     if spec.curves:
         data["curves"] = curves(spec)
         if carry is not None:
-            data["curves_carried"] = _carry_curves(spec, data["curves"], carry)
+            data["curves_carried"] = _carry_curves(spec, data["curves"], carry, data["fingerprints"])
         labels = {a.name: a.label for a in arms(spec)}
         for name, per_arm in data["curves"].items():
             series = {labels[a]: [(p["step"], p["mean"], p["half"]) for p in pts] for a, pts in per_arm.items()}

@@ -13,7 +13,14 @@ import math
 from pathlib import Path
 from typing import Any
 
-from experiments.report import averaged_table, diff_table, metric_table, trend_table
+from experiments.report import (
+    averaged_table,
+    comparison_entries,
+    comparison_table,
+    diff_table,
+    metric_table,
+    trend_table,
+)
 from experiments.spec import ExperimentSpec, control_factor, load_spec
 
 HEADER = """# Practice guide: MixGen and style randomization settings
@@ -89,15 +96,24 @@ def section(spec: ExperimentSpec, data: dict[str, Any]) -> list[str]:
             rows.append(_verdict_row(f"{label} vs {ctrl.name}={ctrl.control}", vs, metric, spec))
         for trend in data.get("trends", {}).get(metric, []):
             rows.append(f"- {trend_verdict(trend, ctrl.name, ctrl.control, metric)}")
+        for label, vs_label, entry in comparison_entries(data, metric):
+            rows.append(_verdict_row(f"{label} vs {vs_label}", entry, metric, spec))
         averaged = data.get("averaged", {}).get(metric, {})
         for key, entry in averaged.items():
             vs = entry.get("vs_control")
             if vs is not None:
                 rows.append(_verdict_row(f"{key}, mean over {spec.average_over}, vs {vs['control']}", vs, metric, spec))
+        for label, vs_label, entry in comparison_entries(data, metric, averaged=True):
+            rows.append(_verdict_row(f"{label}, mean over {spec.average_over}, vs {vs_label}", entry, metric, spec))
         if averaged:
             lines += [*rows, "", averaged_table(spec, data, metric), ""]
+            if data.get("averaged_comparisons"):
+                lines += [comparison_table(data, metric, True, spec.average_over or ""), ""]
             rows = []
-        lines += [*rows, "", diff_table(spec, data, metric), "", metric_table(spec, data, metric), ""]
+        lines += [*rows, "", diff_table(spec, data, metric), ""]
+        if data.get("comparisons"):
+            lines += [comparison_table(data, metric), ""]
+        lines += [metric_table(spec, data, metric), ""]
         lines += [x for t in data.get("trends", {}).get(metric, []) for x in (trend_table(t, metric), "")]
     if data.get("missing"):
         lines += [f"{len(data['missing'])} planned runs did not finish and are not counted.", ""]

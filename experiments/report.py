@@ -24,7 +24,7 @@ from typing import Any
 
 from experiments.plot import Point, errorbar_plot
 from experiments.runner import arm_fingerprint, read_metrics, run_dir
-from experiments.spec import Arm, ExperimentSpec, Factor, arms, control_factor, control_of
+from experiments.spec import Arm, ExperimentSpec, Factor, arms, control_factor, control_of, swap_level
 from experiments.stats import Summary, paired, slope, summarize, welch
 from launch.config import ConfigError
 
@@ -83,6 +83,17 @@ def _one_run(
         return found, str(exc), why
 
 
+def _carried_by_source(carried: list[str]) -> list[str]:
+    """The lines "<arm label>, seed <s>: <source>" grouped per source: "<source>: <arm> seeds 0, 1; ..."."""
+    groups: dict[str, dict[str, list[str]]] = {}
+    for line in carried:
+        run, _, source = line.partition(": ")
+        label, _, seed = run.rpartition(", seed ")
+        groups.setdefault(source, {}).setdefault(label, []).append(seed)
+    return [f"{source}: " + "; ".join(f"{label} seeds {', '.join(seeds)}" for label, seeds in runs.items())
+            for source, runs in groups.items()]  # fmt: skip
+
+
 def _earlier_report(spec: ExperimentSpec, path: Path) -> dict[str, Any]:
     try:
         data = json.loads(Path(path).read_text())
@@ -111,6 +122,12 @@ def _carried(
         if value is None:
             return None, ""
         got[metric] = float(value)
+    # a run the earlier report itself carried keeps its first source: a report regenerated from its own
+    # results.json must not pass off old runs as made at its date and commit
+    prefix = f"{arm.label}, seed {seed}: "
+    first = next((c[len(prefix) :] for c in earlier.get("carried", []) if c.startswith(prefix)), None)
+    if first:
+        return got, first
     note = "" if was is not None else "; that report kept no recipe fingerprint, so the recipe is not checked"
     return got, f"from {src} (generated {earlier.get('generated', '?')}, commit {earlier.get('commit', '?')}){note}"
 
@@ -167,9 +184,14 @@ def build(spec: ExperimentSpec, carry: Path | None = None) -> dict[str, Any]:
                 entry["vs_control"] = _vs_control(ctrl.name, v, values[metric].get(ctrl.name, {}), lower)
             per_arm[arm.name] = entry
         out["metrics"][metric] = per_arm
+        lower = metric in spec.lower_is_better
+        if spec.comparisons:
+            out.setdefault("comparisons", {})[metric] = _comparisons(spec, values[metric], lower)
         if spec.average_over:
-            lower = metric in spec.lower_is_better
             out.setdefault("averaged", {})[metric] = _averaged(spec, values[metric], lower)
+            if spec.comparisons:
+                means = _average_means(spec, values[metric])
+                out.setdefault("averaged_comparisons", {})[metric] = _comparisons(spec, means, lower, _group_key)
         trends = _trends(spec, per_arm)
         if trends:
             out.setdefault("trends", {})[metric] = trends
@@ -184,29 +206,53 @@ def _vs_control(control: str, treated: dict[int, float], base: dict[int, float],
             **summary.as_dict()}  # fmt: skip
 
 
+def _comparisons(
+    spec: ExperimentSpec, values: dict[str, dict[int, float]], lower: bool, key: Any = None
+) -> list[dict[str, Any]]:
+    """The recipe's ``comparisons``: per pair of arms (or, with ``key``, of averaged groups) that differ only in
+    the control factor's level, ``level`` − ``vs`` over their common seeds."""
+    key = key or (lambda _spec, arm: arm.name)
+    out, seen = [], set()
+    for comp in spec.comparisons:
+        factor = control_factor(spec)
+        assert factor is not None  # validated
+        for arm in arms(spec):
+            if arm.level(factor.name).name != comp.level:
+                continue
+            a, b = key(spec, arm), key(spec, swap_level(spec, arm, comp.vs))
+            if (a, b) in seen:
+                continue
+            seen.add((a, b))
+            out.append({"arm": a, "vs": b, **_vs_control(b, values.get(a, {}), values.get(b, {}), lower)})
+    return out
+
+
+def _group_key(spec: ExperimentSpec, arm: Arm) -> str:
+    """The averaged group ``arm`` belongs to: its levels other than the ``average_over`` factor's."""
+    return ", ".join(f"{f}={lv.name}" for f, lv in arm.levels if f != spec.average_over)
+
+
+def _average_means(spec: ExperimentSpec, values: dict[str, dict[int, float]]) -> dict[str, dict[int, float]]:
+    """Per averaged group, each seed's mean over the ``average_over`` levels (only seeds with every level)."""
+    nlevels = len(next(f for f in spec.factors if f.name == spec.average_over).levels)
+    per_seed: dict[str, dict[int, list[float]]] = {}
+    for arm in arms(spec):
+        g = per_seed.setdefault(_group_key(spec, arm), {})
+        for seed, v in values.get(arm.name, {}).items():
+            g.setdefault(seed, []).append(v)
+    return {k: {s: sum(v) / len(v) for s, v in g.items() if len(v) == nlevels} for k, g in per_seed.items()}
+
+
 def _averaged(spec: ExperimentSpec, values: dict[str, dict[int, float]], lower: bool) -> dict[str, Any]:
     """Per group of arms that differ only in the ``average_over`` level: each seed's mean over those levels
     (only seeds with every level finished), summarised over seeds and paired with the control group."""
-    avg = spec.average_over
-    assert avg is not None
-    nlevels = len(next(f for f in spec.factors if f.name == avg).levels)
-    groups: dict[str, dict[str, Any]] = {}
-    for arm in arms(spec):
-        key = ", ".join(f"{f}={lv.name}" for f, lv in arm.levels if f != avg)
-        g = groups.setdefault(key, {"per_seed": {}, "control": None})
-        for seed, v in values.get(arm.name, {}).items():
-            g["per_seed"].setdefault(seed, []).append(v)
-        ctrl = control_of(spec, arm)
-        if ctrl is not None:
-            g["control"] = ", ".join(f"{f}={lv.name}" for f, lv in ctrl.levels if f != avg)
-    means = {k: {s: sum(v) / len(v) for s, v in g["per_seed"].items() if len(v) == nlevels}
-             for k, g in groups.items()}  # fmt: skip
+    means = _average_means(spec, values)
+    controls = {_group_key(spec, arm): _group_key(spec, c) for arm in arms(spec) if (c := control_of(spec, arm))}
     out: dict[str, Any] = {}
-    for key, g in groups.items():
-        m = means[key]
+    for key, m in means.items():
         entry: dict[str, Any] = {"values": {str(s): m[s] for s in sorted(m)}, **summarize(list(m.values())).as_dict()}
-        if g["control"] is not None:
-            entry["vs_control"] = _vs_control(g["control"], m, means[g["control"]], lower)
+        if key in controls:
+            entry["vs_control"] = _vs_control(controls[key], m, means[controls[key]], lower)
         out[key] = entry
     return out
 
@@ -323,6 +369,10 @@ def markdown(spec: ExperimentSpec, data: dict[str, Any], command: str = "") -> s
         images = f"![{metric}]({_png(metric)})"
         if control_factor(spec) is not None:
             lines += [diff_table(spec, data, metric), ""]
+        if data.get("averaged_comparisons"):
+            lines += [comparison_table(data, metric, True, spec.average_over or ""), ""]
+        if data.get("comparisons"):
+            lines += [comparison_table(data, metric), ""]
             images += f" ![{metric} paired difference]({_png(metric, True)})"
         lines += [images, ""]
         for trend in data.get("trends", {}).get(metric, []):
@@ -334,8 +384,8 @@ def markdown(spec: ExperimentSpec, data: dict[str, Any], command: str = "") -> s
             lines += [f"The curves of {names} are the earlier report's (every run of them carried).", ""]
         lines += [" ".join(f"![{name}](curve_{_png(name)})" for name in data["curves"]), ""]
     if data.get("carried"):
-        lines += ["Runs carried from an earlier report (their run folders are not here):", ""]
-        lines += [f"- {m}" for m in data["carried"]] + [""]
+        lines += ["Runs carried from an earlier report (their run folders are not here), by source:", ""]
+        lines += [f"- {m}" for m in _carried_by_source(data["carried"])] + [""]
     if data["missing"]:
         lines += ["Runs not finished (left out of n):", ""] + [f"- {m}" for m in data["missing"]] + [""]
     if spec.gpu_recipe:
@@ -400,6 +450,27 @@ def diff_table(spec: ExperimentSpec, data: dict[str, Any], metric: str) -> str:
         diffs = {int(k): v for k, v in e["diffs"].items()}
         sign = _pm_signed(s)
         rows.append(f"| {arm.label} | {e['n']} | {sign} | {_ci(s)} | {e['better']}/{e['n']} | {_seeds(diffs, True)} |")
+    return "\n".join(rows)
+
+
+def comparison_entries(data: dict[str, Any], metric: str, averaged: bool = False) -> list[tuple[str, str, dict]]:
+    """(label, vs label, entry) of each of the recipe's ``comparisons`` (per averaged group with ``averaged``)."""
+    labels = {a["name"]: a["label"] for a in data["arms"]}
+    got = data.get("averaged_comparisons" if averaged else "comparisons", {}).get(metric, [])
+    return [(labels.get(e["arm"], e["arm"]), labels.get(e["vs"], e["vs"]), e) for e in got]
+
+
+def comparison_table(data: dict[str, Any], metric: str, averaged: bool = False, over: str = "") -> str:
+    """The paired differences between treated arms the recipe asked for (``comparisons``), as a table."""
+    what = f", mean over {over}" if averaged else ""
+    rows = [f"**{metric}: paired comparisons between arms{what}**", "",
+            "| arm | vs | n | mean diff ± 95 % CI | interval | seeds better | per seed |",
+            "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for label, vs, e in comparison_entries(data, metric, averaged):
+        s = Summary(e["n"], e["mean"], e["sd"], e["ci95_half"])
+        diffs = {int(k): v for k, v in e["diffs"].items()}
+        rows.append(f"| {label} | {vs} | {e['n']} | {_pm_signed(s)} | {_ci(s)} | {e['better']}/{e['n']} | "
+                    f"{_seeds(diffs, True)} |")  # fmt: skip
     return "\n".join(rows)
 
 

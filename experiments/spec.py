@@ -77,6 +77,16 @@ class Factor:
 
 
 @dataclasses.dataclass
+class Comparison:
+    """A paired difference between two levels of the control factor other than against the control: "alpha 0
+    vs the default alpha", "style vs traditional". Each arm at ``level`` is paired, seed by seed, with the arm
+    that differs from it only in having ``vs`` there."""
+
+    level: str = ""
+    vs: str = ""
+
+
+@dataclasses.dataclass
 class Curve:
     """A per-step series of every run (a JSON-lines log of one stage), drawn per arm as the mean over seeds."""
 
@@ -112,6 +122,8 @@ class ExperimentSpec:
     # "<eval name>.<metric key>", or "<a> - <b>": a per-run difference of two of them (a generalisation gap)
     metrics: list[str] = dataclasses.field(default_factory=list)
     lower_is_better: list[str] = dataclasses.field(default_factory=list)  # metrics where a decrease is better
+    # paired differences between two treated levels of the control factor, beside those against the control
+    comparisons: list[Comparison] = dataclasses.field(default_factory=list)
     curves: list[Curve] = dataclasses.field(default_factory=list)  # training curves for the report
     # a factor whose levels are averaged per seed (Office-31's "Avg" over the transfer tasks), reported beside
     # the per-level tables: the seed stays the unit of replication, the interval is over seeds
@@ -184,6 +196,14 @@ class ExperimentSpec:
                     f"average_over: {self.average_over!r} must name a factor other than the control factor "
                     f"({[f.name for f in self.factors if f.name != ctrl]})"
                 )
+        ctrl_factor = next((f for f in self.factors if f.control is not None), None)
+        for i, c in enumerate(self.comparisons):
+            if ctrl_factor is None:
+                raise ConfigError(f"comparisons[{i}]: pairs levels of the control factor, and no factor names one")
+            lnames = [lv.name for lv in ctrl_factor.levels]
+            if c.level not in lnames or c.vs not in lnames or c.level == c.vs:
+                raise ConfigError(f"comparisons[{i}]: level {c.level!r} and vs {c.vs!r} must be two different levels "
+                                  f"of the control factor {ctrl_factor.name!r} ({lnames})")  # fmt: skip
         stray = [m for m in self.lower_is_better if m not in self.metrics]
         if stray:
             raise ConfigError(f"lower_is_better: {stray[0]!r} is not one of metrics {self.metrics}")
@@ -242,10 +262,17 @@ def control_factor(spec: ExperimentSpec) -> Factor | None:
 def control_of(spec: ExperimentSpec, arm: Arm) -> Arm | None:
     """The arm ``arm`` is paired with: same levels except the control factor's, which is the control level."""
     factor = control_factor(spec)
-    if factor is None or arm.level(factor.name).name == factor.control:
+    if factor is None or factor.control is None or arm.level(factor.name).name == factor.control:
         return None
-    ctrl = next(lv for lv in factor.levels if lv.name == factor.control)
-    return Arm(tuple((f, ctrl if f == factor.name else lv) for f, lv in arm.levels))
+    return swap_level(spec, arm, factor.control)
+
+
+def swap_level(spec: ExperimentSpec, arm: Arm, level: str) -> Arm:
+    """``arm`` with the control factor at ``level`` (the arm it is paired with in a comparison)."""
+    factor = control_factor(spec)
+    assert factor is not None
+    lv = next(x for x in factor.levels if x.name == level)
+    return Arm(tuple((f, lv if f == factor.name else old) for f, old in arm.levels))
 
 
 def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentSpec:

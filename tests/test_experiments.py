@@ -231,7 +231,14 @@ def test_report_carries_runs_whose_folders_are_gone(tmp_path):
     earlier.write_text(json.dumps(_earlier(spec, old, {})))
     assert main(["report", SMOKE, *common, "--carry", str(earlier)]) == 0
     md = (tmp_path / "res" / "smoke" / "README.md").read_text()
-    assert "Runs carried from an earlier report" in md and md.count(f"from {earlier}") == 3
+    assert "Runs carried from an earlier report" in md and md.count(f"from {earlier}") == 1  # one line per source
+    carried_line = next(line for line in md.splitlines() if f"from {earlier}" in line)
+    assert carried_line.endswith(": mixgen=off seeds 1; mixgen=on seeds 0, 1")  # off seed 0 has its folder
+    # regenerated from its own results.json, the report still names the first source, not itself
+    again = tmp_path / "res" / "smoke" / "results.json"
+    assert main(["report", SMOKE, *common, "--carry", str(again)]) == 0
+    md = (tmp_path / "res" / "smoke" / "README.md").read_text()
+    assert md.count(f"from {earlier}") == 1 and f"from {again}" not in md
     assert json.loads((tmp_path / "res" / "smoke" / "results.json").read_text())["commit"]
 
 
@@ -364,6 +371,48 @@ def test_average_over_a_factor_is_taken_per_seed_then_paired(tmp_path):
     assert any("mixgen=on, mean over domain" in line for line in practice.section(spec, data))
     with pytest.raises(ConfigError, match="average_over: 'mixgen'"):
         load_spec(REPO / SMOKE, [f"factors=[{domain}, {ctrl}]", "average_over=mixgen"])
+
+
+def test_comparisons_pair_two_treated_levels_seed_by_seed(tmp_path):
+    """"alpha 0 vs the default alpha": a paired difference between two treated arms, per arm and per averaged
+    group, with the practice guide's verdict; a lower-is-better metric counts a decrease as better."""
+    domain = '{name: domain, levels: [{name: a}, {name: b}]}'
+    ctrl = '{name: mixgen, control: "off", levels: [{name: "off"}, {name: "on"}, {name: "half"}]}'
+    pairs = 'comparisons=[{level: half, vs: "on"}]'
+    base = [f"out={tmp_path / 'runs'}", f"results={tmp_path / 'res'}", "seeds=[0, 1, 2]",
+            f"factors=[{domain}, {ctrl}]", "average_over=domain", pairs]  # fmt: skip
+    spec = load_spec(REPO / SMOKE, base)
+    from experiments import practice, report
+
+    rsum = {("a", "off"): [10, 20, 30], ("b", "off"): [30, 40, 50], ("a", "on"): [14, 22, 33],
+            ("b", "on"): [32, 46, 52], ("a", "half"): [20, 27, 40], ("b", "half"): [36, 50, 57]}  # fmt: skip
+    for (dom, mix), vals in rsum.items():
+        for seed, v in enumerate(vals):
+            root = Path(spec.out) / "smoke" / f"domain-{dom}__mixgen-{mix}" / f"seed{seed}" / "zeroshot"
+            root.mkdir(parents=True)
+            (root / "results.json").write_text(json.dumps({"splits": {"test": {"rsum": v, "txt_r1": -v}}}))
+    out = report.write(spec)
+    data = json.loads((out / "results.json").read_text())
+    comps = {(e["arm"], e["vs"]): e for e in data["comparisons"]["zeroshot.rsum"]}
+    assert set(comps) == {("domain-a__mixgen-half", "domain-a__mixgen-on"),
+                          ("domain-b__mixgen-half", "domain-b__mixgen-on")}  # fmt: skip  (never vs off)
+    a = comps[("domain-a__mixgen-half", "domain-a__mixgen-on")]
+    assert a["diffs"] == {"0": 6.0, "1": 5.0, "2": 7.0} and a["better"] == 3 and a["mean"] == pytest.approx(6.0)
+    assert a["ci95_half"] == pytest.approx(4.302653 * 1.0 / math.sqrt(3), rel=1e-4)  # sd of (6, 5, 7) = 1
+    avg = data["averaged_comparisons"]["zeroshot.rsum"]
+    assert len(avg) == 1 and avg[0]["arm"] == "mixgen=half" and avg[0]["vs"] == "mixgen=on"
+    assert avg[0]["diffs"] == {"0": 5.0, "1": 4.5, "2": 6.0}  # (6 + 4) / 2, (5 + 4) / 2, (7 + 5) / 2
+    lower = {(e["arm"], e["vs"]): e for e in data["comparisons"]["zeroshot.txt_r1"]}
+    assert lower[("domain-a__mixgen-half", "domain-a__mixgen-on")]["better"] == 0  # -6, -5, -7: all worse
+    text = (out / "README.md").read_text()
+    assert "paired comparisons between arms, mean over domain" in text
+    assert "| domain=a, mixgen=half | domain=a, mixgen=on | 3 | +6.00 ± 2.48 |" in text
+    guide = "\n".join(practice.section(spec, data))
+    assert "- mixgen=half, mean over domain, vs mixgen=on, zeroshot.rsum: **use**; paired difference +5.17" in guide
+    assert "- domain=b, mixgen=half vs domain=b, mixgen=on, zeroshot.rsum: **use**" in guide
+    for bad in ("[{level: half, vs: half}]", "[{level: half, vs: nosuch}]"):
+        with pytest.raises(ConfigError, match="comparisons\\[0\\]: level 'half' and vs"):
+            load_spec(REPO / SMOKE, [*base[:-1], f"comparisons={bad}"])
 
 
 def test_untrained_style_network_is_refused(tmp_path):

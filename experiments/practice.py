@@ -21,7 +21,7 @@ from experiments.report import (
     metric_table,
     trend_table,
 )
-from experiments.spec import ExperimentSpec, control_factor, load_spec
+from experiments.spec import ExperimentSpec, arms, control_factor, load_spec
 
 HEADER = """# Practice guide: MixGen and style randomization settings
 
@@ -130,6 +130,12 @@ def generate(recipes: list[Path], results_root: Path) -> str:
         counted = data and any(e["n"] for m in data["metrics"].values() for e in m.values())
         if counted:
             measured += section(spec, data)
+            reported = {a["name"] for a in data["arms"]}
+            absent = [a.label for a in arms(spec) if a.name not in reported]
+            if absent:  # the recipe gained arms after the report was written
+                unknown.append(f"- `{recipe}`: the arms {'; '.join(absent)} are in the recipe but not in its "
+                               f"report yet (`python -m experiments run {recipe}` runs them and rewrites the "
+                               "report).")  # fmt: skip
             if data.get("missing"):  # its verdicts rest on fewer seeds than planned: say so where the gaps are listed
                 planned = len(data["arms"]) * len(data["seeds"])
                 unknown.append(f"- `{recipe}`: partly measured; {len(data['missing'])} of {planned} planned runs did "

@@ -396,7 +396,9 @@ def markdown(spec: ExperimentSpec, data: dict[str, Any], command: str = "") -> s
 def metric_table(spec: ExperimentSpec, data: dict[str, Any], metric: str) -> str:
     rows = [f"**{metric}**", "", "| arm | n | mean ± 95 % CI | interval | per seed |", "|---|---|---|---|---|"]
     for arm in arms(spec):
-        e = data["metrics"][metric][arm.name]
+        e = data["metrics"][metric].get(arm.name)
+        if e is None:  # an arm the recipe gained after this report was written
+            continue
         s = Summary(e["n"], e["mean"], e["sd"], e["ci95_half"])
         rows.append(
             f"| {arm.label} | {e['n']} | {_pm(s)} | {_ci(s)} | {_seeds({int(k): v for k, v in e['values'].items()})} |"
@@ -443,7 +445,7 @@ def diff_table(spec: ExperimentSpec, data: dict[str, Any], metric: str) -> str:
         "|---|---|---|---|---|---|",
     ]
     for arm in arms(spec):
-        e = data["metrics"][metric][arm.name].get("vs_control")
+        e = data["metrics"][metric].get(arm.name, {}).get("vs_control")
         if e is None:
             continue
         s = Summary(e["n"], e["mean"], e["sd"], e["ci95_half"])

@@ -466,6 +466,14 @@ def test_practice_guide_states_verdicts_from_intervals(tmp_path):
     unknown = practice.generate([lacking, present], tmp_path / "res").split("What remains unknown")[1]
     assert "requires a trained thing" in unknown and "not run here (CPU time)" in unknown
     assert "a file that exists" not in unknown
+    # the recipe gained an arm after its report was written: the guide still renders, and names the arm as unknown
+    grown = tmp_path / "grown.yaml"
+    grown.write_text((REPO / SMOKE).read_text().replace(
+        '{name: "on", pretrain: [mixgen.enabled=true]}',
+        '{name: "on", pretrain: [mixgen.enabled=true]}\n      - {name: half, pretrain: [mixgen.ratio=0.5]}'))
+    text = practice.generate([grown], tmp_path / "res")
+    assert "paired difference +10.00" in text.split("What remains unknown")[0]
+    assert "the arms mixgen=half are in the recipe but not in its report yet" in text.split("What remains unknown")[1]
 
 
 def test_drop_checkpoints_only_where_a_weights_copy_remains(tmp_path):

@@ -139,8 +139,8 @@ def generate(recipes: list[Path], results_root: Path) -> str:
             if data.get("missing"):  # its verdicts rest on fewer seeds than planned: say so where the gaps are listed
                 planned = len(data["arms"]) * len(data["seeds"])
                 unknown.append(f"- `{recipe}`: partly measured; {len(data['missing'])} of {planned} planned runs did "
-                               f"not finish and are not counted above (`python -m experiments run {recipe}` runs "
-                               "them; finished runs in its run folders are skipped).")
+                               f"not finish and are not counted above (`python -m experiments run {recipe} --carry "
+                               f"{path}` runs only them: finished runs, on disk or in that report, are skipped).")
         else:
             lacking = [r.what for r in spec.requires if not Path(r.path).exists()]
             why = "requires " + "; ".join(lacking) if lacking else "not run here (CPU time)"

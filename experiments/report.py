@@ -19,6 +19,7 @@ import math
 import re
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -188,9 +189,9 @@ def build(spec: ExperimentSpec, carry: Path | None = None) -> dict[str, Any]:
         if spec.comparisons:
             out.setdefault("comparisons", {})[metric] = _comparisons(spec, values[metric], lower)
         if spec.average_over:
-            out.setdefault("averaged", {})[metric] = _averaged(spec, values[metric], lower)
+            means = _average_means(spec, values[metric])
+            out.setdefault("averaged", {})[metric] = _averaged(spec, means, lower)
             if spec.comparisons:
-                means = _average_means(spec, values[metric])
                 out.setdefault("averaged_comparisons", {})[metric] = _comparisons(spec, means, lower, _group_key)
         trends = _trends(spec, per_arm)
         if trends:
@@ -206,16 +207,23 @@ def _vs_control(control: str, treated: dict[int, float], base: dict[int, float],
             **summary.as_dict()}  # fmt: skip
 
 
+def _arm_key(spec: ExperimentSpec, arm: Arm) -> str:
+    return arm.name
+
+
 def _comparisons(
-    spec: ExperimentSpec, values: dict[str, dict[int, float]], lower: bool, key: Any = None
+    spec: ExperimentSpec,
+    values: dict[str, dict[int, float]],
+    lower: bool,
+    key: Callable[[ExperimentSpec, Arm], str] = _arm_key,
 ) -> list[dict[str, Any]]:
-    """The recipe's ``comparisons``: per pair of arms (or, with ``key``, of averaged groups) that differ only in
-    the control factor's level, ``level`` − ``vs`` over their common seeds."""
-    key = key or (lambda _spec, arm: arm.name)
+    """The recipe's ``comparisons``: per pair of arms (or, with ``key=_group_key``, of averaged groups) that differ
+    only in the control factor's level, ``level`` − ``vs`` over their common seeds."""
+    factor = control_factor(spec)
+    if factor is None:  # validation allows comparisons only with a control factor
+        return []
     out, seen = [], set()
     for comp in spec.comparisons:
-        factor = control_factor(spec)
-        assert factor is not None  # validated
         for arm in arms(spec):
             if arm.level(factor.name).name != comp.level:
                 continue
@@ -243,10 +251,9 @@ def _average_means(spec: ExperimentSpec, values: dict[str, dict[int, float]]) ->
     return {k: {s: sum(v) / len(v) for s, v in g.items() if len(v) == nlevels} for k, g in per_seed.items()}
 
 
-def _averaged(spec: ExperimentSpec, values: dict[str, dict[int, float]], lower: bool) -> dict[str, Any]:
-    """Per group of arms that differ only in the ``average_over`` level: each seed's mean over those levels
-    (only seeds with every level finished), summarised over seeds and paired with the control group."""
-    means = _average_means(spec, values)
+def _averaged(spec: ExperimentSpec, means: dict[str, dict[int, float]], lower: bool) -> dict[str, Any]:
+    """Per group of arms that differ only in the ``average_over`` level (``means``: :func:`_average_means`), the
+    per-seed means summarised over seeds and paired with the control group."""
     controls = {_group_key(spec, arm): _group_key(spec, c) for arm in arms(spec) if (c := control_of(spec, arm))}
     out: dict[str, Any] = {}
     for key, m in means.items():
